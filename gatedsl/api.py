@@ -1,0 +1,146 @@
+"""The Python interface: gatedsl.check(spec) -> Report without allocating weights, gatedsl.compile(spec) -> torch.fx.GraphModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from gatedsl.errors import SpecError, Span
+from gatedsl.frontend import ast
+from gatedsl.frontend.loader import Program, load_path, load_text
+from gatedsl.ir.model import Limits, ModelIR
+from gatedsl.ir.types import Sym, TensorType
+from gatedsl.passes import run_pipeline
+
+ShapeList = list[int | str]
+
+
+class GateInfo(BaseModel):
+    name: str
+    kind: str
+    line: int
+    file: str
+
+
+class Report(BaseModel):
+    """What `check` finds out about a model without allocating a weight."""
+
+    model: str
+    file: str
+    parameters: dict[str, Any]  # the model parameters as bound (blocks by name)
+    inputs: dict[str, ShapeList]
+    input_dtypes: dict[str, str]
+    outputs: dict[str, ShapeList]
+    params: int
+    params_by_block: dict[str, int]
+    flops: int  # with every symbolic size set by `dims` (1 where not given)
+    flops_expr: str  # the same as a polynomial in the symbolic sizes
+    gates: list[GateInfo]
+    shapes: dict[str, ShapeList]  # every named value, by instance path
+
+
+def _shape(t: TensorType) -> ShapeList:
+    return [d if isinstance(d, int) else str(d) for d in t.shape]
+
+
+def load(spec: str | Path) -> Program:
+    """Parse a spec given as a path or as source text, with its imports."""
+    if isinstance(spec, Path):
+        return load_path(spec)
+    looks_like_path = "\n" not in spec and "{" not in spec and (spec.endswith(".gate") or Path(spec).is_file())
+    return load_path(spec) if looks_like_path else load_text(spec)
+
+
+def pick_model(program: Program, name: str | None) -> ast.Definition:
+    main_models = [d for d in program.main.definitions if d.kind == "model"]
+    if name is not None:
+        d = program.definitions.get(name)
+        if d is None or d.kind != "model":
+            raise SpecError(f"no model named '{name}'", Span(program.main.file, 1, 1),
+                            help="models here: " + (", ".join(m.name for m in main_models) or "none"))
+        return d
+    if not main_models:
+        raise SpecError("this file defines no model", Span(program.main.file, 1, 1),
+                        help="add `model NAME() { input ...; output ... }`")
+    if len(main_models) > 1:
+        raise SpecError(f"this file defines {len(main_models)} models; say which", main_models[1].span,
+                        help="pass model=NAME (--model NAME): " + ", ".join(m.name for m in main_models))
+    return main_models[0]
+
+
+def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
+            max_params: int | None = None) -> ModelIR:
+    """Run the whole pipeline and return the compilation unit."""
+    program = load(spec)
+    limits = Limits() if max_params is None else Limits(max_params=max_params)
+    unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits)
+    return run_pipeline(unit)
+
+
+def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
+    g = unit.graph
+    inputs = {name: g.node(n)["attrs"].type for name, n in g.inputs}
+    return Report(
+        model=unit.model.name,
+        file=unit.model.file,
+        parameters={k: (v.name if isinstance(v, ast.Definition) else str(v) if not isinstance(
+            v, (int, float, bool, str)) else v) for k, v in unit.parameters.items()},
+        inputs={k: _shape(t) for k, t in inputs.items()},
+        input_dtypes={k: t.dtype for k, t in inputs.items()},
+        outputs={name: _shape(g.type_of(port)) for name, port in g.outputs},
+        params=unit.param_count,
+        params_by_block=unit.params_by_block,
+        flops=unit.flops.evaluate(dims),
+        flops_expr=str(unit.flops),
+        gates=[GateInfo(**m.model_dump()) for m in g.gates()],
+        shapes={k: _shape(t) for k, t in unit.shapes.items()},
+    )
+
+
+def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
+          max_params: int | None = None, dims: dict[str, int] | None = None) -> Report:
+    """Validate a spec and report its shapes, parameter count, FLOPs and gates, allocating no weights."""
+    return report(analyse(spec, params, model=model, max_params=max_params), dims)
+
+
+def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
+            max_params: int | None = None):
+    """Compile a spec to a trainable torch.fx.GraphModule."""
+    unit = analyse(spec, params, model=model, max_params=max_params)
+    from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
+
+    gm = emit(unit)
+    gm.meta["gatedsl_report"] = report(unit)
+    return gm
+
+
+def example_inputs(rep: Report, dims: dict[str, int] | None = None, *, seed: int = 0, dtype=None,
+                   vocab: int = 2):
+    """Random inputs matching a report's input shapes, symbolic sizes set by `dims` (default 2)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    dims = dims or {}
+    out = []
+    for name, shape in rep.inputs.items():
+        sizes = [d if isinstance(d, int) else _eval_sym(d, dims) for d in shape]
+        kind = rep.input_dtypes[name]
+        if kind == "float":
+            out.append(torch.randn(sizes, generator=gen, dtype=dtype or torch.get_default_dtype()))
+        elif kind == "int":
+            out.append(torch.randint(0, vocab, sizes, generator=gen))
+        else:
+            out.append(torch.rand(sizes, generator=gen) > 0.5)
+    return tuple(out)
+
+
+def _eval_sym(text: str, dims: dict[str, int]) -> int:
+    value = 1
+    for factor in text.split("*"):
+        value *= int(factor) if factor.isdigit() else dims.get(factor, 2)
+    return value
+
+
+__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs", "Sym"]

@@ -1,0 +1,71 @@
+"""A model's parameters: their declared domains, and binding defaults and overrides (Python values or CLI strings) to values."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gatedsl.errors import NameResolutionError, Note, SpecError, SpecTypeError
+from gatedsl.frontend import ast
+from gatedsl.ir.values import Builtin
+
+if TYPE_CHECKING:
+    from gatedsl.passes.elaborate import Elaborator
+
+
+def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Values of every model parameter, defaults first and then overrides, each checked against its domain."""
+    from gatedsl.passes.elaborate import check_value_param
+
+    declared = {p.name: p for p in model.params}
+    for p in model.params:
+        if p.tensor is not None:
+            raise SpecTypeError("a model takes tensors through `input` statements, not its signature", p.span,
+                                help=f"write `input {p.name}: [...]` in the body")
+    for name in overrides:
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise NameResolutionError(f"model {model.name} has no parameter '{name}'", model.span,
+                                      notes=[Note(f"its parameters are: {known}")])
+    env = el.frame.env
+    bound: dict[str, Any] = {}
+    for p in model.params:
+        if p.name in overrides:
+            value = _from_user(el, p, overrides[p.name])
+            span = p.span
+        elif p.default is not None:
+            value = el.eval(p.default)
+            span = p.default.span
+        else:
+            raise SpecError(f"parameter '{p.name}' of model {model.name} has no default", p.span,
+                            help=f"give it one, or pass -p {p.name}=VALUE")
+        bound[p.name] = env[p.name] = check_value_param(el, p, value, span)
+    return bound
+
+
+def _from_user(el: "Elaborator", p: ast.Param, value: Any) -> Any:
+    """An override as the parameter's type: CLI strings are parsed, names resolve to blocks."""
+    if not isinstance(value, str) or (p.value_type is not None and p.value_type.kind == "str"):
+        return value
+    text = value.strip()
+    kind = p.value_type.kind if p.value_type else None
+    if text in ("true", "false", "True", "False") and kind in (None, "bool", "choice"):
+        return text.lower() == "true"
+    for convert in (int, float):
+        try:
+            number = convert(text)
+        except ValueError:
+            continue
+        if kind == "float":
+            return float(number)
+        return number
+    if kind == "choice":
+        for c in p.value_type.choices:
+            if isinstance(c, ast.Name) and c.id == text:
+                return el.eval(c)
+            if isinstance(c, ast.String) and c.value == text:
+                return c.value
+    if text in el.program.definitions:
+        return el.program.definitions[text]
+    if text in el.builtins:
+        return Builtin(text)
+    return text

@@ -1,0 +1,136 @@
+"""The graph IR: a networkx DiGraph of op nodes, each with validated attributes, output types, a gate mark and a span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict
+
+from gatedsl.errors import Span
+from gatedsl.ir.types import TensorType
+
+GATE_KINDS = ("sigmoid", "softmax", "topk", "binary", "learned", "silu", "gelu", "relu", "tanh")
+
+
+class GateMark(BaseModel):
+    """Marks a node's output as a multiplicative gate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    name: str  # the statement path, e.g. layers.1.cell.z
+    line: int
+    file: str
+
+
+class InitSpec(BaseModel):
+    """How a learned tensor starts: a named scheme and its arguments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    args: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        return self.kind + (f"({', '.join(f'{a:g}' for a in self.args)})" if self.args else "")
+
+
+@dataclass
+class ParamSpec:
+    """One learned tensor of the model, named by its instance path."""
+
+    path: str  # e.g. layers.1.cell.z.x_proj.weight
+    shape: tuple[int, ...]
+    init: InitSpec
+    span: Span
+    block: str  # the block instance that owns it, for per-block counts ("" for the model)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ModuleSpec:
+    """A parameter-free torch module the graph calls (dropout), so train/eval switches it."""
+
+    path: str
+    kind: str
+    args: dict[str, Any]
+
+
+Port = tuple[int, int]  # (node id, output index)
+
+
+@dataclass
+class Graph:
+    """One graph of ops: a model's top level, or the body of a scanned cell."""
+
+    name: str
+    g: nx.DiGraph = field(default_factory=nx.DiGraph)
+    inputs: list[tuple[str, int]] = field(default_factory=list)  # (name, node id)
+    outputs: list[tuple[str, Port]] = field(default_factory=list)
+    params: list[ParamSpec] = field(default_factory=list)
+    modules: list[ModuleSpec] = field(default_factory=list)
+    _next: int = 0
+
+    def add(
+        self,
+        op: str,
+        attrs: BaseModel,
+        inputs: list[Port],
+        types: list[TensorType],
+        span: Span,
+        name: str,
+        gate: GateMark | None = None,
+    ) -> int:
+        node = self._next
+        self._next += 1
+        self.g.add_node(node, op=op, attrs=attrs, inputs=list(inputs), types=list(types),
+                        span=span, name=name, gate=gate)
+        for src, port in inputs:
+            self.g.add_edge(src, node, type=self.type_of((src, port)))
+        return node
+
+    def node(self, node: int) -> dict[str, Any]:
+        return self.g.nodes[node]
+
+    def type_of(self, port: Port) -> TensorType:
+        return self.g.nodes[port[0]]["types"][port[1]]
+
+    def order(self) -> list[int]:
+        # Node ids are handed out as nodes are built, after their inputs: a topological order.
+        return sorted(self.g.nodes)
+
+    def subgraphs(self) -> list["Graph"]:
+        """Scanned cell bodies, recursively."""
+        out = []
+        for n in self.order():
+            body = getattr(self.g.nodes[n]["attrs"], "body", None)
+            if isinstance(body, Graph):
+                out.append(body)
+                out += body.subgraphs()
+        return out
+
+    def all_params(self) -> list[ParamSpec]:
+        return self.params + [p for sub in self.subgraphs() for p in sub.params]
+
+    def all_modules(self) -> list[ModuleSpec]:
+        return self.modules + [m for sub in self.subgraphs() for m in sub.modules]
+
+    def gates(self) -> list[GateMark]:
+        """Gate marks in program order, a scanned cell's own gates where the scan is."""
+        marks: list[GateMark] = []
+        for n in self.order():
+            data = self.g.nodes[n]
+            if data["gate"] is not None:
+                marks.append(data["gate"])
+            body = getattr(data["attrs"], "body", None)
+            if isinstance(body, Graph):
+                marks += body.gates()
+        return marks

@@ -1,0 +1,33 @@
+"""The compilation unit every pass reads and extends: the program, the chosen model, its graph and its counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatedsl.frontend import ast
+from gatedsl.frontend.loader import Program
+from gatedsl.ir.graph import Graph
+from gatedsl.ir.types import Poly, TensorType
+
+
+@dataclass
+class Limits:
+    max_nodes: int = 200_000  # ops plus loop iterations: bounds any expansion
+    max_params: int = 2**31  # learned elements in the whole model
+
+
+@dataclass
+class ModelIR:
+    program: Program
+    model: ast.Definition
+    overrides: dict[str, Any]
+    limits: Limits = field(default_factory=Limits)
+    # Filled by elaborate:
+    graph: Graph | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, TensorType] = field(default_factory=dict)
+    # Filled by the counting passes:
+    param_count: int = 0
+    params_by_block: dict[str, int] = field(default_factory=dict)
+    flops: Poly = field(default_factory=Poly)

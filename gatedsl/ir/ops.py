@@ -1,0 +1,845 @@
+"""The op registry: for each IR op, a pydantic schema of its attributes, its shape rule, its learned tensors and its FLOPs.
+
+Shape rules raise ShapeError without a location; elaboration adds the statement's span
+and where each operand came from.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gatedsl.errors import ShapeError
+from gatedsl.ir.graph import InitSpec
+from gatedsl.ir.types import (
+    Dim,
+    Poly,
+    Shape,
+    Sym,
+    TensorType,
+    broadcast,
+    dim_div,
+    dim_mul,
+    normalize_axis,
+    numel,
+    promote,
+    show_shape,
+)
+
+
+class Attrs(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
+
+PositiveInt = int  # validated by Field(gt=0) where used
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    role: str  # the leaf name: weight, bias, ...
+    shape: tuple[int, ...]
+    init: InitSpec
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    attrs: type[Attrs]
+    infer: Callable[[Any, list[TensorType]], list[TensorType]]
+    flops: Callable[[Any, list[TensorType], list[TensorType]], Poly]
+    params: Callable[[Any, list[TensorType]], list[ParamDecl]] = lambda a, ins: []
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def op(name: str, attrs: type[Attrs], flops=None, params=None):
+    def register(infer):
+        REGISTRY[name] = OpDef(
+            name,
+            attrs,
+            infer,
+            flops or (lambda a, ins, outs: Poly()),
+            params or (lambda a, ins: []),
+        )
+        return infer
+
+    return register
+
+
+def _elementwise_flops(a, ins, outs) -> Poly:
+    return Poly.numel(outs[0].shape)
+
+
+def _axis(dim: int, rank: int, what: str = "dim") -> int:
+    axis = normalize_axis(dim, rank)
+    if axis is None:
+        raise ShapeError(f"{what}={dim} is out of range for a tensor of rank {rank}")
+    return axis
+
+
+def _float(t: TensorType, what: str) -> None:
+    if t.dtype != "float":
+        raise ShapeError(f"{what} needs a float tensor, got {t.dtype} {show_shape(t.shape)}")
+
+
+# ---------------------------------------------------------------- sources
+class InputAttrs(Attrs):
+    name: str
+    type: TensorType
+
+
+@op("input", InputAttrs)
+def _input(a: InputAttrs, ins):
+    return [a.type]
+
+
+class ParamAttrs(Attrs):
+    path: str
+    shape: tuple[int, ...]
+
+
+@op("param", ParamAttrs)
+def _param(a: ParamAttrs, ins):
+    return [TensorType(a.shape)]
+
+
+class FillAttrs(Attrs):
+    value: float
+    shape: tuple[Dim, ...]
+    dtype: Literal["float", "int", "bool"] = "float"
+
+
+@op("fill", FillAttrs)
+def _fill(a: FillAttrs, ins):
+    # With an input, the fill takes that input's shape (zeros_like and friends).
+    return [TensorType(ins[0].shape if ins else a.shape, a.dtype)]
+
+
+# ------------------------------------------------------------ element-wise
+UNARY_FNS = (
+    "sigmoid", "tanh", "relu", "gelu", "silu", "softplus", "logsigmoid", "exp", "log", "sqrt",
+    "rsqrt", "abs", "neg", "sin", "cos", "elu", "square", "reciprocal", "sign", "not",
+)
+
+
+class UnaryAttrs(Attrs):
+    fn: Literal[UNARY_FNS]  # type: ignore[valid-type]
+
+
+@op("unary", UnaryAttrs, flops=_elementwise_flops)
+def _unary(a: UnaryAttrs, ins):
+    (x,) = ins
+    if a.fn == "not":
+        return [TensorType(x.shape, "bool")]
+    if a.fn not in ("neg", "abs", "sign", "square"):
+        _float(x, a.fn)
+    return [x]
+
+
+BINARY_FNS = ("add", "sub", "mul", "div", "floordiv", "mod", "pow", "maximum", "minimum",
+              "lt", "le", "gt", "ge", "eq", "ne", "and", "or")
+COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
+
+
+class BinaryAttrs(Attrs):
+    """A binary element-wise op; at most one side may be a static scalar instead of a tensor."""
+
+    fn: Literal[BINARY_FNS]  # type: ignore[valid-type]
+    left_scalar: float | int | bool | None = None
+    right_scalar: float | int | bool | None = None
+
+
+def _scalar_dtype(v) -> str:
+    return "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "float"
+
+
+@op("binary", BinaryAttrs, flops=_elementwise_flops)
+def _binary(a: BinaryAttrs, ins):
+    types = list(ins)
+    if a.left_scalar is not None:
+        types.insert(0, TensorType((), _scalar_dtype(a.left_scalar)))
+    if a.right_scalar is not None:
+        types.append(TensorType((), _scalar_dtype(a.right_scalar)))
+    left, right = types
+    shape = broadcast(left.shape, right.shape)
+    if shape is None:
+        raise ShapeError(
+            f"cannot broadcast {show_shape(left.shape)} with {show_shape(right.shape)}",
+        )
+    if a.fn in COMPARISONS or a.fn in ("and", "or"):
+        return [TensorType(shape, "bool")]
+    dtype = promote(left.dtype, right.dtype)
+    if a.fn == "div" or dtype == "bool":
+        dtype = "float" if a.fn == "div" else ("int" if dtype == "bool" else dtype)
+    return [TensorType(shape, dtype)]
+
+
+class WhereAttrs(Attrs):
+    pass
+
+
+@op("where", WhereAttrs, flops=_elementwise_flops)
+def _where(a, ins):
+    cond, x, y = ins
+    shape = broadcast(cond.shape, x.shape)
+    shape = broadcast(shape, y.shape) if shape is not None else None
+    if shape is None:
+        raise ShapeError(f"where: cannot broadcast {show_shape(cond.shape)}, {show_shape(x.shape)} and {show_shape(y.shape)}")
+    return [TensorType(shape, promote(x.dtype, y.dtype))]
+
+
+class ClampAttrs(Attrs):
+    min: float | None = None
+    max: float | None = None
+
+
+@op("clamp", ClampAttrs, flops=_elementwise_flops)
+def _clamp(a, ins):
+    return [ins[0]]
+
+
+class CastAttrs(Attrs):
+    dtype: Literal["float", "int", "bool"]
+
+
+@op("cast", CastAttrs)
+def _cast(a, ins):
+    return [TensorType(ins[0].shape, a.dtype)]
+
+
+class StraightThroughAttrs(Attrs):
+    """Hard 0/1 forward (x > threshold), identity gradient: the binary gate."""
+
+    threshold: float = 0.5
+
+
+@op("binary_gate", StraightThroughAttrs, flops=_elementwise_flops)
+def _binary_gate(a, ins):
+    _float(ins[0], "binary")
+    return [ins[0]]
+
+
+# ---------------------------------------------------------------- linear
+class LinearAttrs(Attrs):
+    in_features: int = Field(gt=0)
+    out_features: int = Field(gt=0)
+    weight: str
+    bias: str | None
+    weight_init: InitSpec
+    bias_init: InitSpec | None
+
+
+def _linear_params(a: LinearAttrs, ins):
+    decls = [ParamDecl("weight", (a.out_features, a.in_features), a.weight_init)]
+    if a.bias is not None:
+        decls.append(ParamDecl("bias", (a.out_features,), a.bias_init))
+    return decls
+
+
+@op("linear", LinearAttrs, params=_linear_params,
+    flops=lambda a, ins, outs: Poly.numel(ins[0].shape[:-1]) * (2 * a.in_features * a.out_features))
+def _linear(a: LinearAttrs, ins):
+    (x,) = ins
+    _float(x, "linear")
+    if not x.shape or x.shape[-1] != a.in_features:
+        raise ShapeError(f"linear expects last dim {a.in_features}, got {show_shape(x.shape)}")
+    return [TensorType(x.shape[:-1] + (a.out_features,))]
+
+
+class MatmulAttrs(Attrs):
+    pass
+
+
+def _matmul_shape(x: Shape, y: Shape) -> Shape:
+    if len(x) < 1 or len(y) < 1:
+        raise ShapeError("matmul needs tensors of rank ≥ 1")
+    xs, ys = (x if len(x) > 1 else (1,) + x), (y if len(y) > 1 else y + (1,))
+    if xs[-1] != ys[-2]:
+        raise ShapeError(
+            f"matmul: inner dims differ: {show_shape(x)} @ {show_shape(y)} ({xs[-1]} vs {ys[-2]})"
+        )
+    batch = broadcast(xs[:-2], ys[:-2])
+    if batch is None:
+        raise ShapeError(f"matmul: batch dims do not broadcast: {show_shape(x)} @ {show_shape(y)}")
+    out = batch + (xs[-2], ys[-1])
+    if len(x) == 1:
+        out = out[:-2] + out[-1:]
+    if len(y) == 1:
+        out = out[:-1]
+    return out
+
+
+@op("matmul", MatmulAttrs,
+    flops=lambda a, ins, outs: Poly.numel(outs[0].shape) * Poly.of(ins[0].shape[-1]) * 2)
+def _matmul(a, ins):
+    x, y = ins
+    _float(x, "matmul")
+    _float(y, "matmul")
+    return [TensorType(_matmul_shape(x.shape, y.shape))]
+
+
+class EinsumAttrs(Attrs):
+    equation: str
+
+    @field_validator("equation")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        allowed = set(string.ascii_letters + ",->. ")
+        if not set(v) <= allowed or v.count("->") != 1:
+            raise ValueError("an einsum equation looks like 'bhtd,bhsd->bhts'")
+        return v.replace(" ", "")
+
+
+def _einsum_sizes(a: EinsumAttrs, ins) -> tuple[list[str], str, dict[str, Dim]]:
+    lhs, rhs = a.equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ins):
+        raise ShapeError(f"einsum '{a.equation}' names {len(terms)} operands, got {len(ins)}")
+    sizes: dict[str, Dim] = {}
+    for term, t in zip(terms, ins):
+        if len(term) != t.rank:
+            raise ShapeError(f"einsum term '{term}' has {len(term)} letters, operand is {show_shape(t.shape)}")
+        for letter, d in zip(term, t.shape):
+            if letter in sizes and sizes[letter] != d and d != 1 and sizes[letter] != 1:
+                raise ShapeError(f"einsum letter '{letter}' is {sizes[letter]} in one operand and {d} in another")
+            if letter not in sizes or sizes[letter] == 1:
+                sizes[letter] = d
+    for letter in rhs:
+        if letter not in sizes:
+            raise ShapeError(f"einsum output letter '{letter}' is not in any operand")
+    return terms, rhs, sizes
+
+
+def _einsum_flops(a, ins, outs) -> Poly:
+    _, _, sizes = _einsum_sizes(a, ins)
+    total: Dim = 1
+    for d in sizes.values():
+        total = dim_mul(total, d)
+    return Poly.of(total) * 2
+
+
+@op("einsum", EinsumAttrs, flops=_einsum_flops)
+def _einsum(a, ins):
+    for t in ins:
+        _float(t, "einsum")
+    _, rhs, sizes = _einsum_sizes(a, ins)
+    return [TensorType(tuple(sizes[c] for c in rhs))]
+
+
+# ------------------------------------------------------- softmax and routing
+class SoftmaxAttrs(Attrs):
+    dim: int = -1
+    log: bool = False
+
+
+@op("softmax", SoftmaxAttrs, flops=lambda a, ins, outs: Poly.numel(outs[0].shape) * 3)
+def _softmax(a, ins):
+    _float(ins[0], "softmax")
+    _axis(a.dim, ins[0].rank)
+    return [ins[0]]
+
+
+class TopkAttrs(Attrs):
+    k: int = Field(gt=0)
+    dim: int = -1
+    mode: Literal["values_indices", "softmax", "mask"] = "values_indices"
+
+
+@op("topk", TopkAttrs, flops=lambda a, ins, outs: Poly.numel(ins[0].shape) * 2)
+def _topk(a, ins):
+    (x,) = ins
+    _float(x, "topk")
+    axis = _axis(a.dim, x.rank)
+    if isinstance(x.shape[axis], int) and a.k > x.shape[axis]:
+        raise ShapeError(f"top-k with k={a.k} over a dim of size {x.shape[axis]}")
+    if a.mode != "values_indices":
+        return [x]  # dense: softmax over the kept entries, zeros elsewhere; or a 0/1 mask
+    shape = x.shape[:axis] + (a.k,) + x.shape[axis + 1:]
+    return [TensorType(shape), TensorType(shape, "int")]
+
+
+# ---------------------------------------------------------------- norms
+class NormAttrs(Attrs):
+    kind: Literal["layer", "rms", "group"]
+    eps: float = Field(gt=0)
+    groups: int = Field(default=1, gt=0)
+    weight: str | None
+    bias: str | None
+    features: int = Field(gt=0)
+
+
+def _norm_params(a: NormAttrs, ins):
+    out = []
+    if a.weight is not None:
+        out.append(ParamDecl("weight", (a.features,), InitSpec(kind="ones")))
+    if a.bias is not None:
+        out.append(ParamDecl("bias", (a.features,), InitSpec(kind="zeros")))
+    return out
+
+
+@op("norm", NormAttrs, params=_norm_params, flops=lambda a, ins, outs: Poly.numel(outs[0].shape) * 5)
+def _norm(a: NormAttrs, ins):
+    (x,) = ins
+    _float(x, f"{a.kind}_norm")
+    if not x.shape or x.shape[-1] != a.features:
+        raise ShapeError(f"{a.kind}_norm over {a.features} features, got {show_shape(x.shape)}")
+    if a.kind == "group" and a.features % a.groups:
+        raise ShapeError(f"group_norm: {a.features} channels do not split into {a.groups} groups")
+    return [x]
+
+
+# ---------------------------------------------------- convolution, pooling
+class ConvAttrs(Attrs):
+    """Channels-last convolution: [*, L, C] for 1-D, [*, H, W, C] for 2-D."""
+
+    spatial: Literal[1, 2]
+    in_channels: int = Field(gt=0)
+    out_channels: int = Field(gt=0)
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...]  # per spatial dim, both sides; causal pads the left only
+    causal: bool = False
+    groups: int = Field(default=1, gt=0)
+    weight: str
+    bias: str | None
+    weight_init: InitSpec
+    bias_init: InitSpec | None
+
+
+def _conv_params(a: ConvAttrs, ins):
+    decls = [ParamDecl("weight", (a.out_channels, a.in_channels // a.groups) + a.kernel, a.weight_init)]
+    if a.bias is not None:
+        decls.append(ParamDecl("bias", (a.out_channels,), a.bias_init))
+    return decls
+
+
+def _conv_out(size: Dim, kernel: int, stride: int, dilation: int, pad_total: int) -> Dim:
+    span = dilation * (kernel - 1) + 1
+    if isinstance(size, int):
+        out = (size + pad_total - span) // stride + 1
+        if out <= 0:
+            raise ShapeError(f"convolution window {span} is larger than the padded input {size + pad_total}")
+        return out
+    if pad_total == span - 1 and stride == 1:
+        return size  # 'same' or causal: a symbolic length is kept
+    d = dim_div(size, stride) if pad_total == span - 1 else None
+    if d is None:
+        raise ShapeError(
+            f"a symbolic length {size} needs 'same' or causal padding with stride 1 (or a stride that divides it)"
+        )
+    return d
+
+
+def _conv_shape(a: ConvAttrs, x: TensorType) -> Shape:
+    n = a.spatial
+    if x.rank < n + 1:
+        raise ShapeError(f"conv{n}d expects [*, {'L' if n == 1 else 'H, W'}, C], got {show_shape(x.shape)}")
+    if x.shape[-1] != a.in_channels:
+        raise ShapeError(f"conv{n}d expects {a.in_channels} channels last, got {show_shape(x.shape)}")
+    spatial = []
+    for i in range(n):
+        pad_total = a.padding[i] * (1 if a.causal else 2)
+        spatial.append(_conv_out(x.shape[-1 - n + i], a.kernel[i], a.stride[i], a.dilation[i], pad_total))
+    return x.shape[: -1 - n] + tuple(spatial) + (a.out_channels,)
+
+
+@op("conv", ConvAttrs, params=_conv_params,
+    flops=lambda a, ins, outs: Poly.numel(outs[0].shape) * (2 * (a.in_channels // a.groups) * math.prod(a.kernel)))
+def _conv(a: ConvAttrs, ins):
+    _float(ins[0], "conv")
+    if a.in_channels % a.groups or a.out_channels % a.groups:
+        raise ShapeError(f"groups={a.groups} must divide both {a.in_channels} input and {a.out_channels} output channels")
+    return [TensorType(_conv_shape(a, ins[0]))]
+
+
+class PoolAttrs(Attrs):
+    spatial: Literal[1, 2]
+    kind: Literal["avg", "max"]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@op("pool", PoolAttrs, flops=lambda a, ins, outs: Poly.numel(outs[0].shape) * math.prod(a.kernel))
+def _pool(a: PoolAttrs, ins):
+    (x,) = ins
+    n = a.spatial
+    if x.rank < n + 1:
+        raise ShapeError(f"{a.kind}_pool{n}d expects [*, {'L' if n == 1 else 'H, W'}, C], got {show_shape(x.shape)}")
+    spatial = tuple(
+        _conv_out(x.shape[-1 - n + i], a.kernel[i], a.stride[i], 1, 0) if isinstance(x.shape[-1 - n + i], int)
+        else _pool_symbolic(x.shape[-1 - n + i], a.kernel[i], a.stride[i])
+        for i in range(n)
+    )
+    return [TensorType(x.shape[: -1 - n] + spatial + x.shape[-1:], x.dtype)]
+
+
+def _pool_symbolic(size: Dim, kernel: int, stride: int) -> Dim:
+    if kernel == stride:
+        d = dim_div(size, stride)
+        if d is not None:
+            return d
+    raise ShapeError(f"pooling a symbolic length {size} needs kernel == stride dividing it")
+
+
+# --------------------------------------------------------------- shapes
+class ReshapeAttrs(Attrs):
+    shape: tuple[Dim, ...]  # may hold one -1
+
+
+@op("reshape", ReshapeAttrs)
+def _reshape(a: ReshapeAttrs, ins):
+    (x,) = ins
+    total = numel(x.shape)
+    known: Dim = 1
+    holes = [i for i, d in enumerate(a.shape) if d == -1]
+    if len(holes) > 1:
+        raise ShapeError("reshape takes at most one -1")
+    for d in a.shape:
+        if d != -1:
+            if isinstance(d, int) and d <= 0:
+                raise ShapeError(f"reshape sizes must be positive, got {d}")
+            known = dim_mul(known, d)
+    if holes:
+        rest = dim_div(total, known)
+        if rest is None:
+            raise ShapeError(f"cannot reshape {show_shape(x.shape)} ({total} elements) into {show_shape(a.shape)}")
+        shape = tuple(rest if d == -1 else d for d in a.shape)
+    else:
+        if known != total:
+            raise ShapeError(f"cannot reshape {show_shape(x.shape)} ({total} elements) into {show_shape(a.shape)} ({known})")
+        shape = a.shape
+    return [TensorType(shape, x.dtype)]
+
+
+class PermuteAttrs(Attrs):
+    dims: tuple[int, ...]
+
+
+@op("permute", PermuteAttrs)
+def _permute(a: PermuteAttrs, ins):
+    (x,) = ins
+    if sorted(a.dims) != list(range(x.rank)):
+        raise ShapeError(f"permute({list(a.dims)}) is not a permutation of the {x.rank} dims of {show_shape(x.shape)}")
+    return [TensorType(tuple(x.shape[i] for i in a.dims), x.dtype)]
+
+
+class AxisAttrs(Attrs):
+    dim: int
+
+
+@op("unsqueeze", AxisAttrs)
+def _unsqueeze(a: AxisAttrs, ins):
+    (x,) = ins
+    axis = _axis(a.dim, x.rank + 1)
+    return [TensorType(x.shape[:axis] + (1,) + x.shape[axis:], x.dtype)]
+
+
+@op("squeeze", AxisAttrs)
+def _squeeze(a: AxisAttrs, ins):
+    (x,) = ins
+    axis = _axis(a.dim, x.rank)
+    if x.shape[axis] != 1:
+        raise ShapeError(f"squeeze: dim {a.dim} of {show_shape(x.shape)} is not 1")
+    return [TensorType(x.shape[:axis] + x.shape[axis + 1:], x.dtype)]
+
+
+class SplitAttrs(Attrs):
+    sizes: tuple[int, ...]
+    dim: int = -1
+
+
+@op("split", SplitAttrs)
+def _split(a: SplitAttrs, ins):
+    (x,) = ins
+    axis = _axis(a.dim, x.rank)
+    if any(s <= 0 for s in a.sizes):
+        raise ShapeError(f"split sizes must be positive, got {list(a.sizes)}")
+    if x.shape[axis] != sum(a.sizes):
+        raise ShapeError(f"split sizes {list(a.sizes)} sum to {sum(a.sizes)}, but dim {a.dim} of {show_shape(x.shape)} is {x.shape[axis]}")
+    return [TensorType(x.shape[:axis] + (s,) + x.shape[axis + 1:], x.dtype) for s in a.sizes]
+
+
+class JoinAttrs(Attrs):
+    dim: int = -1
+    stack: bool = False
+
+
+@op("join", JoinAttrs)
+def _join(a: JoinAttrs, ins):
+    if not ins:
+        raise ShapeError("concat/stack of an empty list")
+    first = ins[0]
+    if a.stack:
+        for t in ins[1:]:
+            if t.shape != first.shape:
+                raise ShapeError(f"stack needs equal shapes, got {show_shape(first.shape)} and {show_shape(t.shape)}")
+        axis = _axis(a.dim, first.rank + 1)
+        return [TensorType(first.shape[:axis] + (len(ins),) + first.shape[axis:], first.dtype)]
+    axis = _axis(a.dim, first.rank)
+    total: Dim = 0
+    for t in ins:
+        if t.rank != first.rank or any(
+            t.shape[i] != first.shape[i] for i in range(first.rank) if i != axis
+        ):
+            raise ShapeError(f"concat along dim {a.dim} needs the other dims equal: {show_shape(first.shape)} vs {show_shape(t.shape)}")
+        d = t.shape[axis]
+        if isinstance(total, int) and isinstance(d, int):
+            total += d
+        elif total == 0:
+            total = d
+        elif d == total:
+            total = dim_mul(total, 2)
+        else:
+            raise ShapeError(f"concat of symbolic dims {total} and {d} is not supported")
+    dtype = first.dtype
+    for t in ins[1:]:
+        dtype = promote(dtype, t.dtype)
+    return [TensorType(first.shape[:axis] + (total,) + first.shape[axis + 1:], dtype)]
+
+
+class HeadsAttrs(Attrs):
+    heads: int = Field(gt=0)
+    merge: bool = False
+
+
+@op("heads", HeadsAttrs)
+def _heads(a: HeadsAttrs, ins):
+    (x,) = ins
+    if x.rank < 2:
+        raise ShapeError(f"head splitting needs [*, T, D], got {show_shape(x.shape)}")
+    if a.merge:
+        if x.rank < 3 or x.shape[-3] != a.heads:
+            raise ShapeError(f"merge_heads expects [*, {a.heads}, T, d], got {show_shape(x.shape)}")
+        return [TensorType(x.shape[:-3] + (x.shape[-2], dim_mul(x.shape[-1], a.heads)), x.dtype)]
+    d = dim_div(x.shape[-1], a.heads)
+    if d is None:
+        raise ShapeError(f"{x.shape[-1]} features do not split into {a.heads} heads")
+    return [TensorType(x.shape[:-2] + (a.heads, x.shape[-2], d), x.dtype)]
+
+
+class IndexAttrs(Attrs):
+    """Static basic indexing: ints, slices, '...', and None (a new axis)."""
+
+    items: tuple[tuple[Any, ...], ...]  # ("int", i) | ("slice", start, stop, step) | ("ellipsis",) | ("new",)
+
+
+def _slice_len(size: Dim, start, stop, step) -> Dim:
+    if isinstance(size, int):
+        return len(range(*slice(start, stop, step).indices(size)))
+    if start in (None, 0) and stop is None and step in (None, 1):
+        return size
+    if step in (None, 1) and stop is not None and (start is None or start >= 0) and stop >= 0:
+        return stop - (start or 0)  # a static prefix of a symbolic dim
+    raise ShapeError(f"cannot slice a symbolic dim {size} with [{start}:{stop}:{step}] statically")
+
+
+@op("index", IndexAttrs)
+def _index(a: IndexAttrs, ins):
+    (x,) = ins
+    items = list(a.items)
+    consumed = sum(1 for it in items if it[0] in ("int", "slice"))
+    if sum(1 for it in items if it[0] == "ellipsis") > 1:
+        raise ShapeError("an index may hold one '...'")
+    if consumed > x.rank:
+        raise ShapeError(f"too many indices ({consumed}) for {show_shape(x.shape)}")
+    if not any(it[0] == "ellipsis" for it in items):
+        items.append(("ellipsis",))
+    out: list[Dim] = []
+    axis = 0
+    for it in items:
+        if it[0] == "ellipsis":
+            n = x.rank - consumed
+            out.extend(x.shape[axis:axis + n])
+            axis += n
+        elif it[0] == "new":
+            out.append(1)
+        elif it[0] == "int":
+            size = x.shape[axis]
+            if isinstance(size, int) and not -size <= it[1] < size:
+                raise ShapeError(f"index {it[1]} is out of range for dim {axis} of size {size}")
+            axis += 1
+        else:
+            _, start, stop, step = it
+            if step is not None and step <= 0:
+                raise ShapeError("slice steps must be positive; use flip() to reverse")
+            length = _slice_len(x.shape[axis], start, stop, step)
+            if isinstance(length, int) and length <= 0:
+                raise ShapeError(f"slice [{start}:{stop}] of dim {axis} (size {x.shape[axis]}) is empty")
+            out.append(length)
+            axis += 1
+    return [TensorType(tuple(out), x.dtype)]
+
+
+class GatherAttrs(Attrs):
+    dim: int = -1
+
+
+@op("gather", GatherAttrs)
+def _gather(a, ins):
+    x, idx = ins
+    if idx.dtype != "int":
+        raise ShapeError(f"gather indices must be int, got {idx.dtype}")
+    if idx.rank != x.rank:
+        raise ShapeError(f"gather needs indices of the same rank as the input: {show_shape(x.shape)} vs {show_shape(idx.shape)}")
+    _axis(a.dim, x.rank)
+    return [TensorType(idx.shape, x.dtype)]
+
+
+class FlipAttrs(Attrs):
+    dim: int
+
+
+@op("flip", FlipAttrs)
+def _flip(a, ins):
+    _axis(a.dim, ins[0].rank)
+    return [ins[0]]
+
+
+# --------------------------------------------------------- reductions, scans
+class ReduceAttrs(Attrs):
+    fn: Literal["sum", "mean", "max", "min", "prod", "logsumexp"]
+    dims: tuple[int, ...]
+    keepdim: bool = False
+
+
+@op("reduce", ReduceAttrs, flops=lambda a, ins, outs: Poly.numel(ins[0].shape))
+def _reduce(a: ReduceAttrs, ins):
+    (x,) = ins
+    axes = sorted({_axis(d, x.rank) for d in a.dims})
+    if a.fn in ("mean", "logsumexp"):
+        _float(x, a.fn)
+    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if a.keepdim else tuple(
+        d for i, d in enumerate(x.shape) if i not in axes)
+    dtype = x.dtype if a.fn in ("max", "min") else ("float" if x.dtype == "float" or a.fn == "mean" else "int")
+    return [TensorType(shape, dtype)]
+
+
+class CumulativeAttrs(Attrs):
+    fn: Literal["sum", "prod"]
+    dim: int
+    reverse: bool = False
+
+
+@op("cumulative", CumulativeAttrs, flops=lambda a, ins, outs: Poly.numel(ins[0].shape))
+def _cumulative(a, ins):
+    _axis(a.dim, ins[0].rank)
+    return [ins[0]]
+
+
+# ------------------------------------------------------------ attention
+class AttentionAttrs(Attrs):
+    causal: bool = False
+    scale: float | None = None
+    masked: bool = False
+
+
+def _attention_flops(a, ins, outs) -> Poly:
+    q, k, v = ins[:3]
+    # QK^T and PV: 2·T·S·d each, per batch and head.
+    return Poly.numel(q.shape[:-1]) * Poly.of(k.shape[-2]) * (Poly.of(q.shape[-1]) + Poly.of(v.shape[-1])) * 2
+
+
+@op("attention", AttentionAttrs, flops=_attention_flops)
+def _attention(a: AttentionAttrs, ins):
+    q, k, v = ins[:3]
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _float(t, "attention")
+        if t.rank < 2:
+            raise ShapeError(f"attention {name} needs [*, T, d], got {show_shape(t.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"attention: q and k widths differ: {show_shape(q.shape)} vs {show_shape(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"attention: k and v lengths differ: {show_shape(k.shape)} vs {show_shape(v.shape)}")
+    batch = broadcast(broadcast(q.shape[:-2], k.shape[:-2]) or (), v.shape[:-2])
+    if batch is None or broadcast(q.shape[:-2], k.shape[:-2]) is None:
+        raise ShapeError(f"attention: batch dims differ: {show_shape(q.shape)}, {show_shape(k.shape)}, {show_shape(v.shape)}")
+    out = batch + (q.shape[-2], v.shape[-1])
+    if a.masked:
+        mask = ins[3]
+        if broadcast(mask.shape, batch + (q.shape[-2], k.shape[-2])) is None:
+            raise ShapeError(f"attention mask {show_shape(mask.shape)} does not broadcast to the scores")
+    return [TensorType(out)]
+
+
+# ------------------------------------------------- embedding, dropout, misc
+class EmbeddingAttrs(Attrs):
+    num: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    weight: str
+    init: InitSpec
+
+
+@op("embedding", EmbeddingAttrs, params=lambda a, ins: [ParamDecl("weight", (a.num, a.dim), a.init)])
+def _embedding(a, ins):
+    (idx,) = ins
+    if idx.dtype != "int":
+        raise ShapeError(f"embedding takes int indices, got {idx.dtype} {show_shape(idx.shape)}")
+    return [TensorType(idx.shape + (a.dim,))]
+
+
+class OneHotAttrs(Attrs):
+    num: int = Field(gt=0)
+
+
+@op("one_hot", OneHotAttrs)
+def _one_hot(a, ins):
+    if ins[0].dtype != "int":
+        raise ShapeError("one_hot takes int indices")
+    return [TensorType(ins[0].shape + (a.num,))]
+
+
+class DropoutAttrs(Attrs):
+    p: float = Field(ge=0, lt=1)
+    module: str
+
+
+@op("dropout", DropoutAttrs)
+def _dropout(a, ins):
+    return [ins[0]]
+
+
+# ------------------------------------------------------------------ scan
+class ScanAttrs(Attrs):
+    """Runs `body` along one axis. Inputs are: sequences, then constants, then initial states."""
+
+    cell: str
+    path: str
+    body: Any  # gatedsl.ir.graph.Graph: the cell, one step
+    axes: tuple[int, ...]  # the scanned axis of each sequence input
+    roles: tuple[Literal["seq", "const", "state"], ...]  # per cell parameter, in signature order
+    n_states: int = Field(ge=1)
+    reverse: bool = False
+    last: bool = False
+
+
+def _scan_flops(a: ScanAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops  # the body's own count
+
+    seq = ins[0]
+    steps = Poly.of(seq.shape[a.axes[0]])
+    return graph_flops(a.body) * steps
+
+
+@op("scan", ScanAttrs, flops=_scan_flops)
+def _scan(a: ScanAttrs, ins):
+    # The body was checked step by step during elaboration; the outputs are its emitted
+    # value stacked along the axis (or the last one), then the final states.
+    body = a.body
+    emitted = body.type_of(body.outputs[0][1])
+    seq = ins[0]
+    axis = a.axes[0]
+    length = seq.shape[axis]
+    if a.last:
+        first = emitted
+    else:
+        # The emitted step has the sequence's leading dims before the axis; insert the axis back.
+        lead = axis if axis <= emitted.rank else emitted.rank
+        first = TensorType(emitted.shape[:lead] + (length,) + emitted.shape[lead:], emitted.dtype)
+    finals = [body.type_of(port) for _, port in body.outputs[1:]]
+    return [first] + finals

@@ -1,0 +1,870 @@
+"""Elaborate: evaluate a model's AST with its parameters bound, inlining blocks, expanding repeats and ifs, into the graph IR with every shape inferred."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from gatedsl.errors import (
+    LimitError,
+    NameResolutionError,
+    Note,
+    ShapeError,
+    Span,
+    SpecError,
+    SpecTypeError,
+)
+from gatedsl.frontend import ast
+from gatedsl.frontend.loader import Program
+from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, ParamSpec
+from gatedsl.ir.model import Limits, ModelIR
+from gatedsl.ir.ops import REGISTRY, ScanAttrs
+from gatedsl.ir.types import Dim, Sym, TensorType, dim_div, dim_mul, show_shape
+from gatedsl.ir.values import Builtin, Tensor, describe
+
+MAX_DEPTH = 64  # nested block calls
+MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
+
+
+@dataclass
+class Frame:
+    """One invocation of a definition: its graph, its variables and its instance path."""
+
+    definition: ast.Definition
+    graph: Graph
+    path: str  # instance path prefix: "" or "layers.1.cell."
+    env: dict[str, Any]
+    returns: list[Any] | None = None
+    stmt: str = ""  # the statement path being elaborated, e.g. "layers.1.cell.z"
+
+
+class Elaborator:
+    def __init__(self, program: Program, limits: Limits):
+        self.program = program
+        self.limits = limits
+        self.budget = 0
+        self.stack: list[Frame] = []
+        self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
+        self.shapes: dict[str, TensorType] = {}
+        from gatedsl.ir import builtins  # registers the primitive functions
+
+        self.builtins = builtins.BUILTINS
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def frame(self) -> Frame:
+        return self.stack[-1]
+
+    def tick(self, span: Span, n: int = 1) -> None:
+        self.budget += n
+        if self.budget > self.limits.max_nodes:
+            raise LimitError(
+                f"the model expands to more than {self.limits.max_nodes} operations",
+                span,
+                help="a repeat count or a nesting is larger than intended",
+            )
+
+    def unique(self, prefix: str, base: str) -> str:
+        taken = self.used_names.setdefault(prefix, set())
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    def module_path(self, role: str) -> str:
+        """A fresh instance path for a primitive with learned tensors in the current statement."""
+        stmt = self.frame.stmt
+        return stmt + "." + self.unique(stmt + ".", role)
+
+    def add(
+        self,
+        op: str,
+        attrs: dict[str, Any],
+        inputs: list[Tensor],
+        span: Span,
+        label: str = "",
+        params_at: str | None = None,
+    ) -> list[Tensor]:
+        """Validate attrs, infer output types, add the node (and its learned tensors) to the current graph."""
+        opdef = REGISTRY[op]
+        self.tick(span)
+        try:
+            validated = opdef.attrs(**attrs)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SpecTypeError(f"{op}: {where}: {first['msg']}", span) from None
+        in_types = [t.type for t in inputs]
+        try:
+            out_types = opdef.infer(validated, in_types)
+        except ShapeError as err:
+            notes = [Note(f"{t.label or 'operand'} is {t.type}", t.origin) for t in inputs if t.origin != span]
+            raise ShapeError(err.message, span, notes=notes, help=err.help) from None
+        for t in out_types:
+            for d in t.shape:
+                if isinstance(d, int) and (d < 0 or d.bit_length() > 48):
+                    raise LimitError(f"{op} gives a dimension of size {d}", span)
+        graph = self.frame.graph
+        name = (label or getattr(validated, "fn", None) or op).replace(".", "_")
+        node = graph.add(op, validated, [t.port for t in inputs], out_types, span, name)
+        if params_at is not None:
+            for decl in opdef.params(validated, in_types):
+                self.add_param(params_at + "." + decl.role, decl.shape, decl.init, span)
+        return [Tensor((node, i), t, span, label) for i, t in enumerate(out_types)]
+
+    def add_param(self, path: str, shape: tuple[int, ...], init, span: Span) -> None:
+        for d in shape:
+            if not isinstance(d, int) or d <= 0:
+                raise SpecTypeError(f"learned tensor {path} needs positive static sizes, got {list(shape)}", span)
+        block = self.frame.path.rstrip(".")
+        self.frame.graph.params.append(ParamSpec(path, tuple(shape), init, span, block))
+
+    # --------------------------------------------------------------- the model
+    def elaborate_model(self, model: ast.Definition, overrides: dict[str, Any]) -> tuple[Graph, dict[str, Any]]:
+        from gatedsl.frontend.parameters import bind_model_parameters
+
+        graph = Graph(model.name)
+        frame = Frame(model, graph, "", {})
+        self.stack.append(frame)
+        bound = bind_model_parameters(self, model, overrides)
+        frame.env.update(bound)
+        self.run_body(model.body)
+        self.stack.pop()
+        if not graph.outputs:
+            raise SpecError(f"model {model.name} has no output", model.span,
+                            help="add `output y = ...`")
+        return graph, bound
+
+    # ------------------------------------------------------------ statements
+    def run_body(self, body: list[ast.Stmt]) -> None:
+        for stmt in body:
+            self.run_stmt(stmt)
+
+    def run_stmt(self, stmt: ast.Stmt) -> None:
+        kind = self.frame.definition.kind
+        if isinstance(stmt, ast.Assign):
+            self.assign(stmt.targets, stmt.value, stmt.span)
+        elif isinstance(stmt, ast.GateStmt):
+            self.gate(stmt)
+        elif isinstance(stmt, ast.InputStmt):
+            if kind != "model" or len(self.stack) > 1:
+                raise SpecError("`input` declares a model input; a block or cell takes tensors as parameters",
+                                stmt.span, help=f"add `{stmt.name}: [...]` to the signature instead")
+            self.model_input(stmt)
+        elif isinstance(stmt, ast.OutputStmt):
+            if kind != "model" or len(self.stack) > 1:
+                raise SpecError("`output` belongs in a model; a block or cell uses `return`", stmt.span)
+            self.model_output(stmt)
+        elif isinstance(stmt, ast.Return):
+            if kind == "model":
+                raise SpecError("a model names its results with `output NAME = ...`, not `return`", stmt.span)
+            if self.frame.returns is not None:
+                raise SpecError("a second `return` in the same definition", stmt.span)
+            self.frame.stmt = self.frame.path + "return"
+            self.frame.returns = [self.eval(v) for v in stmt.values]
+        elif isinstance(stmt, ast.Repeat):
+            self.repeat(stmt)
+        elif isinstance(stmt, ast.If):
+            cond = self.static_bool(stmt.cond, "an `if` condition")
+            self.run_body(stmt.then if cond else stmt.orelse)
+        elif isinstance(stmt, ast.Require):
+            ok = self.static_bool(stmt.cond, "a `require` condition")
+            if not ok:
+                raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
+                                notes=self._binding_notes(stmt.cond))
+        else:  # pragma: no cover - the grammar has no other statements
+            raise SpecError(f"unsupported statement {type(stmt).__name__}", stmt.span)
+
+    def _binding_notes(self, expr: ast.Expr) -> list[Note]:
+        names = sorted({n.id for n in _names_in(expr) if n.id in self.frame.env})
+        shown = [f"{n} = {_show(self.frame.env[n])}" for n in names]
+        return [Note(", ".join(shown))] if shown else []
+
+    def set_stmt(self, target: str) -> None:
+        self.frame.stmt = self.frame.path + self.unique(self.frame.path, target)
+
+    def assign(self, targets: list[str], expr: ast.Expr, span: Span) -> None:
+        self.set_stmt(targets[0])
+        if isinstance(expr, ast.Scan):
+            value = self.scan(expr, want_all=len(targets) > 1)
+        else:
+            value = self.eval(expr)
+        if len(targets) == 1:
+            values = [value]
+        else:
+            if not isinstance(value, (tuple, list)):
+                raise SpecTypeError(f"cannot unpack {describe(value)} into {len(targets)} names", span)
+            if len(value) != len(targets):
+                raise SpecTypeError(f"{len(targets)} names on the left, {len(value)} values on the right", span)
+            values = list(value)
+        for name, v in zip(targets, values):
+            self.bind(name, v, span)
+
+    def bind(self, name: str, value: Any, span: Span) -> None:
+        if name in self.builtins or name in self.program.definitions:
+            raise NameResolutionError(f"'{name}' is a builtin or a definition and cannot be reassigned", span,
+                                      help="choose another name")
+        if isinstance(value, Tensor):
+            path = self.frame.path + name
+            value = Tensor(value.port, value.type, value.origin, name)
+            self.shapes[path] = value.type
+            node = self.frame.graph.node(value.port[0])
+            if node["op"] not in ("input", "param"):
+                node["name"] = name  # generated code reads like the spec
+        self.frame.env[name] = value
+
+    def gate(self, stmt: ast.GateStmt) -> None:
+        self.set_stmt(stmt.name)
+        value = self.eval(stmt.value)
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"a gate must be a tensor, got {describe(value)}", stmt.value.span)
+        node = self.frame.graph.node(value.port[0])
+        kind = stmt.kind or _gate_kind(node)
+        if kind is None:
+            raise SpecTypeError(
+                f"cannot tell what kind of gate '{stmt.name}' is from its last op ({node['op']})",
+                stmt.span,
+                help=f"name it: `gate KIND {stmt.name} = ...` with KIND one of {', '.join(GATE_KINDS)}",
+            )
+        if kind not in GATE_KINDS:
+            raise SpecTypeError(f"unknown gate kind '{kind}'", stmt.span,
+                                help=f"gate kinds are {', '.join(GATE_KINDS)}")
+        node["gate"] = GateMark(kind=kind, name=self.frame.path + stmt.name, line=stmt.span.line,
+                                file=stmt.span.file)
+        self.bind(stmt.name, value, stmt.span)
+
+    def model_input(self, stmt: ast.InputStmt) -> None:
+        if stmt.name in self.frame.env:
+            raise NameResolutionError(f"'{stmt.name}' is already defined", stmt.span)
+        ttype = self.eval_tensor_type(stmt.type, free_symbols=True)
+        (t,) = self.add("input", {"name": stmt.name, "type": ttype}, [], stmt.span, label=stmt.name)
+        self.frame.graph.inputs.append((stmt.name, t.port[0]))
+        self.bind(stmt.name, t, stmt.span)
+
+    def model_output(self, stmt: ast.OutputStmt) -> None:
+        if any(name == stmt.name for name, _ in self.frame.graph.outputs):
+            raise NameResolutionError(f"output '{stmt.name}' is declared twice", stmt.span)
+        self.set_stmt(stmt.name)
+        value = self.eval(stmt.value) if stmt.value is not None else self.lookup(stmt.name, stmt.span)
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"an output must be a tensor, got {describe(value)}", stmt.span)
+        self.frame.graph.outputs.append((stmt.name, value.port))
+        self.bind(stmt.name, value, stmt.span)
+
+    def repeat(self, stmt: ast.Repeat) -> None:
+        count = self.eval(stmt.count)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise SpecTypeError(f"repeat needs a static int count, got {describe(count)}", stmt.count.span)
+        if count < 0:
+            raise SpecTypeError(f"repeat count is negative ({count})", stmt.count.span)
+        scope = stmt.scope or (stmt.count.id if isinstance(stmt.count, ast.Name) else "repeat")
+        scope = self.unique(self.frame.path, scope)
+        outer = self.frame.path
+        for i in range(count):
+            self.tick(stmt.span)
+            self.frame.path = f"{outer}{scope}.{i}."
+            if stmt.index:
+                self.frame.env[stmt.index] = i
+            self.run_body(stmt.body)
+        self.frame.path = outer
+
+    # ---------------------------------------------------------- expressions
+    def static_bool(self, expr: ast.Expr, what: str) -> bool:
+        value = self.eval(expr)
+        if not isinstance(value, bool):
+            raise SpecTypeError(f"{what} must be a static bool, got {describe(value)}", expr.span,
+                                help="conditions are decided when the model is built, from parameters")
+        return value
+
+    def static_int(self, expr: ast.Expr, what: str) -> int:
+        value = self.eval(expr)
+        return self.as_int(value, expr.span, what)
+
+    def as_int(self, value: Any, span: Span, what: str) -> int:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = "use // for integer division" if isinstance(value, float) else None
+            raise SpecTypeError(f"{what} must be a static int, got {describe(value)}", span, help=hint)
+        return value
+
+    def lookup(self, name: str, span: Span) -> Any:
+        env = self.frame.env
+        if name in env:
+            return env[name]
+        if name in self.program.definitions:
+            return self.program.definitions[name]
+        if name in self.builtins:
+            return Builtin(name)
+        import difflib
+
+        known = list(env) + list(self.program.definitions) + list(self.builtins)
+        close = difflib.get_close_matches(name, known, n=1)
+        raise NameResolutionError(f"unknown name '{name}'", span,
+                                  help=f"did you mean '{close[0]}'?" if close else None)
+
+    def eval(self, expr: ast.Expr) -> Any:
+        if isinstance(expr, ast.Name):
+            return self.lookup(expr.id, expr.span)
+        if isinstance(expr, ast.Number):
+            if isinstance(expr.value, int) and expr.value.bit_length() > MAX_INT_BITS:
+                raise LimitError(f"the integer {expr.value} is too large", expr.span)
+            if isinstance(expr.value, float) and not math.isfinite(expr.value):
+                raise LimitError("a number overflows to infinity", expr.span)
+            return expr.value
+        if isinstance(expr, ast.String):
+            return expr.value
+        if isinstance(expr, ast.Bool):
+            return expr.value
+        if isinstance(expr, ast.ListExpr):
+            return [self.eval(item) for item in expr.items]
+        if isinstance(expr, ast.UnaryOp):
+            return self.unary(expr)
+        if isinstance(expr, ast.BinOp):
+            return self.binop(expr)
+        if isinstance(expr, ast.Call):
+            return self.call(expr)
+        if isinstance(expr, ast.Index):
+            return self.index(expr)
+        if isinstance(expr, ast.Scan):
+            return self.scan(expr, want_all=False)
+        raise SpecError(f"unsupported expression {type(expr).__name__}", expr.span)  # pragma: no cover
+
+    def unary(self, expr: ast.UnaryOp) -> Any:
+        value = self.eval(expr.operand)
+        if expr.op == "not":
+            if isinstance(value, bool):
+                return not value
+            if isinstance(value, Tensor):
+                return self.add("unary", {"fn": "not"}, [value], expr.span)[0]
+            raise SpecTypeError(f"`not` needs a bool, got {describe(value)}", expr.span)
+        if isinstance(value, Tensor):
+            if expr.op == "+":
+                return value
+            return self.add("unary", {"fn": "neg"}, [value], expr.span)[0]
+        if isinstance(value, Sym):
+            return dim_mul(value, -1 if expr.op == "-" else 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecTypeError(f"unary {expr.op} needs a number or tensor, got {describe(value)}", expr.span)
+        return -value if expr.op == "-" else value
+
+    def binop(self, expr: ast.BinOp) -> Any:
+        if expr.op in ("and", "or"):
+            left = self.eval(expr.left)
+            if isinstance(left, bool):  # short-circuit, as Python does, so guards like `a > 0 and d % a == 0` work
+                if (expr.op == "and" and not left) or (expr.op == "or" and left):
+                    return left
+                right = self.eval(expr.right)
+                if isinstance(right, bool):
+                    return right
+                raise SpecTypeError(f"`{expr.op}` needs bools, got {describe(right)}", expr.right.span)
+            right = self.eval(expr.right)
+            if isinstance(left, Tensor) and isinstance(right, Tensor):
+                return self.add("binary", {"fn": expr.op}, [left, right], expr.span)[0]
+            raise SpecTypeError(f"`{expr.op}` needs two bools or two tensors, got {describe(left)} and {describe(right)}",
+                                expr.span)
+        left = self.eval(expr.left)
+        right = self.eval(expr.right)
+        if isinstance(left, Tensor) or isinstance(right, Tensor):
+            return self.tensor_binop(expr, left, right)
+        from gatedsl.ir.static_math import static_binop
+
+        return static_binop(expr.op, left, right, expr.span)
+
+    def tensor_binop(self, expr: ast.BinOp, left: Any, right: Any) -> Tensor:
+        fn = _BINOP_FN[expr.op]
+        if fn == "matmul":
+            if not (isinstance(left, Tensor) and isinstance(right, Tensor)):
+                raise SpecTypeError("@ multiplies two tensors", expr.span)
+            return self.add("matmul", {}, [left, right], expr.span)[0]
+        attrs: dict[str, Any] = {"fn": fn}
+        inputs = []
+        for side, value, sub in (("left", left, expr.left), ("right", right, expr.right)):
+            if isinstance(value, Tensor):
+                inputs.append(value)
+            elif isinstance(value, (int, float)):  # bool is an int too
+                attrs[f"{side}_scalar"] = value
+            else:
+                raise SpecTypeError(f"cannot combine a tensor with {describe(value)} by {expr.op}", sub.span)
+        return self.add("binary", attrs, inputs, expr.span)[0]
+
+    def index(self, expr: ast.Index) -> Any:
+        value = self.eval(expr.value)
+        if isinstance(value, (list, tuple)):
+            if len(expr.items) != 1 or isinstance(expr.items[0], (ast.Slice, ast.Ellipsis_)):
+                raise SpecTypeError("a list takes one integer index", expr.span)
+            i = self.static_int(expr.items[0], "a list index")
+            if not -len(value) <= i < len(value):
+                raise SpecTypeError(f"index {i} is out of range for a list of {len(value)}", expr.span)
+            return value[i]
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"cannot index {describe(value)}", expr.value.span)
+        items = []
+        for item in expr.items:
+            if isinstance(item, ast.Ellipsis_):
+                items.append(("ellipsis",))
+            elif isinstance(item, ast.Slice):
+                parts = [None if p is None else self.static_int(p, "a slice bound") for p in (item.start, item.stop, item.step)]
+                items.append(("slice", *parts))
+            else:
+                v = self.eval(item)
+                if isinstance(v, Tensor):
+                    raise SpecTypeError("index with static ints and slices; use gather() with a tensor of indices",
+                                        item.span)
+                items.append(("int", self.as_int(v, item.span, "an index")))
+        return self.add("index", {"items": tuple(items)}, [value], expr.span)[0]
+
+    # ------------------------------------------------------------------ calls
+    def call(self, expr: ast.Call) -> Any:
+        callee = self.eval(expr.func)
+        if isinstance(callee, Builtin):
+            return self.builtins[callee.name](self, expr)
+        if isinstance(callee, ast.Definition):
+            if callee.kind == "model":
+                raise SpecTypeError(f"model {callee.name} cannot be called; use a block", expr.span)
+            name = expr.func.id if isinstance(expr.func, ast.Name) else callee.name
+            args = [self.eval(a) for a in expr.args]
+            kwargs = {k.name: (self.eval(k.value), k.span) for k in expr.kwargs}
+            return self.invoke(callee, args, kwargs, expr, name)
+        raise SpecTypeError(f"{describe(callee)} is not callable", expr.func.span)
+
+    def invoke(self, definition: ast.Definition, args, kwargs, call: ast.Expr, name: str) -> Any:
+        """Inline a block (or one step of a cell) at the call site."""
+        self._enter_check(definition, call.span)
+        path = self.frame.path + self.unique(self.frame.path, name) + "."
+        frame = Frame(definition, self.frame.graph, path, {})
+        bind_signature(self, definition, frame, args, kwargs, call, step_axis=None)
+        if definition.kind == "cell":
+            # One step of a cell: states not given start at zero.
+            frame.env.update(self._zero_states(definition, frame, call.span))
+        self.stack.append(frame)
+        try:
+            self.run_body(definition.body)
+        finally:
+            self.stack.pop()
+        if definition.kind == "cell":
+            return self._cell_result(definition, frame)[0]
+        if frame.returns is None:
+            raise SpecError(f"block {definition.name} has no `return`", definition.span)
+        return frame.returns[0] if len(frame.returns) == 1 else tuple(frame.returns)
+
+    def _enter_check(self, definition: ast.Definition, span: Span) -> None:
+        for f in self.stack:
+            if f.definition is definition:
+                raise SpecError(f"{definition.kind} {definition.name} calls itself", span,
+                                notes=[Note("defined here", definition.span)],
+                                help="use `repeat` for a fixed depth; recursion has no static bound")
+        if len(self.stack) >= MAX_DEPTH:
+            raise LimitError(f"blocks nest more than {MAX_DEPTH} deep", span)
+
+    def _zero_states(self, definition: ast.Definition, frame: Frame, span: Span) -> dict[str, Tensor]:
+        out = {}
+        for p in definition.params:
+            if p.state and p.name not in frame.env:
+                ttype = frame.env[f"\0type:{p.name}"]
+                self.stack.append(frame)
+                try:
+                    (t,) = self.add("fill", {"value": 0.0, "shape": ttype.shape, "dtype": ttype.dtype}, [], span,
+                                    label=f"{p.name}0")
+                finally:
+                    self.stack.pop()
+                out[p.name] = Tensor(t.port, t.type, p.span, p.name)
+        return out
+
+    def _cell_result(self, definition: ast.Definition, frame: Frame) -> tuple[Tensor, list[Tensor]]:
+        states = []
+        for p in definition.params:
+            if not p.state:
+                continue
+            value = frame.env[p.name]
+            declared: TensorType = frame.env[f"\0type:{p.name}"]
+            if not isinstance(value, Tensor):
+                raise SpecTypeError(f"state {p.name} must stay a tensor, got {describe(value)}", p.span)
+            if value.type != declared:
+                raise ShapeError(
+                    f"state {p.name} changes from {declared} to {value.type} in one step",
+                    value.origin,
+                    notes=[Note(f"{p.name} is declared {declared}", p.span)],
+                    help="a carried state must keep its shape and dtype",
+                )
+            states.append(value)
+        if not states:
+            raise SpecError(f"cell {definition.name} has no `state` parameter", definition.span,
+                            help="declare the carried state: `state h: [*, H]`")
+        if frame.returns is not None:
+            if len(frame.returns) != 1 or not isinstance(frame.returns[0], Tensor):
+                raise SpecTypeError(f"cell {definition.name} must return one tensor", definition.span)
+            emitted = frame.returns[0]
+        else:
+            emitted = states[0]
+        return emitted, states
+
+    # ------------------------------------------------------------------ scan
+    def scan(self, expr: ast.Scan, want_all: bool) -> Any:
+        cell = self.lookup(expr.cell.id, expr.cell.span)
+        if not isinstance(cell, ast.Definition) or cell.kind != "cell":
+            raise SpecTypeError(f"scan runs a cell, and {describe(cell)} is not one", expr.cell.span)
+        self._enter_check(cell, expr.span)
+        args = [self.eval(a) for a in expr.args]
+        kwargs = {k.name: (self.eval(k.value), k.span) for k in expr.kwargs}
+        path = self.frame.path + self.unique(self.frame.path, expr.cell.id) + "."
+        body = Graph(cell.name)
+        frame = Frame(cell, body, path, {})
+        # Bind the signature against one step: sequences lose the scanned axis.
+        outer = bind_signature(self, cell, frame, args, kwargs, expr, step_axis=(expr.axis, expr.axis_span))
+        # Placeholders of the body: one per cell parameter, in signature order.
+        self.stack.append(frame)
+        try:
+            roles, axes, outer_inputs = [], [], []
+            for p in cell.params:
+                if p.tensor is None:
+                    continue
+                step_type: TensorType = frame.env[f"\0type:{p.name}"]
+                role, axis, value = outer[p.name]
+                if role == "state" and value is None:
+                    self.stack.pop()
+                    try:
+                        (value,) = self.add("fill", {"value": 0.0, "shape": step_type.shape,
+                                                     "dtype": step_type.dtype}, [], expr.span, label=f"{p.name}0")
+                    finally:
+                        self.stack.append(frame)
+                (ph,) = self.add("input", {"name": p.name, "type": step_type}, [], p.span, label=p.name)
+                body.inputs.append((p.name, ph.port[0]))
+                frame.env[p.name] = Tensor(ph.port, ph.type, p.span, p.name)
+                roles.append(role)
+                if role == "seq":
+                    axes.append(axis)
+                outer_inputs.append(value)
+            self.run_body(cell.body)
+            emitted, states = self._cell_result(cell, frame)
+        finally:
+            self.stack.pop()
+        body.outputs = [("out", emitted.port)] + [(p.name, s.port) for p, s in
+                                                 zip([p for p in cell.params if p.state], states)]
+        results = self.add(
+            "scan",
+            {"cell": cell.name, "path": path.rstrip("."), "body": body, "axes": tuple(axes), "roles": tuple(roles),
+             "n_states": len(states), "reverse": expr.reverse, "last": expr.last},
+            outer_inputs,
+            expr.span,
+            label=self.frame.stmt.rsplit(".", 1)[-1],
+        )
+        return tuple(results) if want_all else results[0]
+
+    # ------------------------------------------------------------------ types
+    def eval_tensor_type(self, ttype: ast.TensorType, free_symbols: bool) -> TensorType:
+        dims: list[Dim] = []
+        for i, d in enumerate(ttype.dims):
+            if isinstance(d, ast.StarDim):
+                raise SpecTypeError("a model input has a definite rank: name each dim (B, T, ...)", d.span)
+            if isinstance(d, ast.Name) and free_symbols and d.id not in self.frame.env and d.id not in self.builtins \
+                    and d.id not in self.program.definitions:
+                dims.append(Sym.named(d.id))
+                continue
+            value = self.eval(d)
+            dims.append(self.as_dim(value, d.span))
+        return TensorType(tuple(dims), ttype.dtype)
+
+    def as_dim(self, value: Any, span: Span) -> Dim:
+        if isinstance(value, Sym):
+            return value
+        size = self.as_int(value, span, "a dimension")
+        if size <= 0:
+            raise SpecTypeError(f"a dimension must be positive, got {size}", span)
+        if size.bit_length() > 48:
+            raise LimitError(f"the dimension {size} is too large", span)
+        return size
+
+
+# The statement forms of binary operators, as IR fns.
+_BINOP_FN = {
+    "+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod", "**": "pow", "@": "matmul",
+    "==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge",
+}
+
+
+def _gate_kind(node: dict) -> str | None:
+    op, attrs = node["op"], node["attrs"]
+    if op == "unary" and attrs.fn in GATE_KINDS:
+        return attrs.fn
+    if op == "softmax" and not attrs.log:
+        return "softmax"
+    if op == "topk" and attrs.mode != "values_indices":
+        return "topk"
+    if op == "binary_gate":
+        return "binary"
+    if op == "param":
+        return "learned"
+    return None
+
+
+def _names_in(expr: ast.Expr):
+    if isinstance(expr, ast.Name):
+        yield expr
+    for value in vars(expr).values():
+        if isinstance(value, ast.Expr):
+            yield from _names_in(value)
+        elif isinstance(value, list):
+            for v in value:
+                if isinstance(v, ast.Expr):
+                    yield from _names_in(v)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return str(value.type)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, ast.Definition):
+        return value.name
+    return str(value)
+
+
+# ------------------------------------------------------------- signatures
+def bind_signature(
+    el: Elaborator,
+    definition: ast.Definition,
+    frame: Frame,
+    args: list[Any],
+    kwargs: dict[str, tuple[Any, Span]],
+    call: ast.Expr,
+    step_axis: tuple[str | int, Span] | None,
+) -> dict[str, tuple[str, int | None, Tensor | None]]:
+    """Bind call arguments to a definition's parameters in `frame.env`, unifying tensor shapes.
+
+    For a scan (`step_axis` given), sequence arguments are matched without the scanned axis.
+    Returns, per tensor parameter, (role, scanned axis, the caller's tensor or None).
+    Each tensor parameter's one-step type is stored in env under "\\0type:NAME".
+    """
+    env = frame.env
+    params = definition.params
+    by_name = {p.name: p for p in params}
+    call_args = getattr(call, "args", [])
+    call_span = call.span
+
+    # 1. Match positional and keyword arguments to parameters.
+    given: dict[str, tuple[Any, Span]] = {}
+    if len(args) > len(params):
+        raise SpecTypeError(f"{definition.name} takes {len(params)} arguments, got {len(args)}", call_span,
+                            notes=[Note("defined here", definition.span)])
+    for p, value, node in zip(params, args, call_args):
+        given[p.name] = (value, node.span)
+    dim_names = _signature_dims(definition)
+    dim_kwargs: dict[str, tuple[Any, Span]] = {}
+    for name, (value, span) in kwargs.items():
+        if name in given:
+            raise SpecTypeError(f"argument '{name}' is given twice", span)
+        if name in by_name:
+            given[name] = (value, span)
+        elif name in dim_names:
+            dim_kwargs[name] = (value, span)
+        else:
+            names = ", ".join(p.name for p in params)
+            raise SpecTypeError(f"{definition.name} has no parameter '{name}'", span,
+                                notes=[Note(f"its parameters are: {names}", definition.span)])
+
+    # 2. Static values given explicitly, and sizes passed by keyword (H=64).
+    for name, (value, span) in dim_kwargs.items():
+        env[name] = el.as_dim(value, span)
+    for p in params:
+        if p.tensor is None and p.name in given:
+            value, span = given[p.name]
+            env[p.name] = check_value_param(el, p, value, span)
+
+    # 3. Tensor arguments: unify with the declared shapes, binding free dims.
+    star: list[tuple[Dim, ...] | None] = [None]
+    result: dict[str, tuple[str, int | None, Tensor | None]] = {}
+    for p in params:
+        if p.tensor is None:
+            continue
+        if p.name not in given:
+            if not p.state:
+                raise SpecTypeError(f"{definition.name} needs argument '{p.name}'", call_span,
+                                    notes=[Note(f"{p.name} is declared here", p.span)])
+            result[p.name] = ("state", None, None)
+            continue
+        value, span = given[p.name]
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"argument '{p.name}' of {definition.name} must be a tensor, got {describe(value)}",
+                                span, notes=[Note(f"{p.name} is declared here", p.span)])
+        step_type, axis = value.type, None
+        role = "state" if p.state else "const"
+        if step_axis is not None and not p.state:
+            axis = _find_axis(value.type, step_axis[0])
+            if axis is not None:
+                role = "seq"
+                step_type = TensorType(value.type.shape[:axis] + value.type.shape[axis + 1:], value.type.dtype)
+        unify(el, definition, p, step_type, env, star, span, value)
+        result[p.name] = (role, axis, value)
+        env[p.name] = value
+        env[f"\0type:{p.name}"] = step_type
+    if step_axis is not None and not any(r[0] == "seq" for r in result.values()):
+        axis_name, axis_span = step_axis
+        raise ShapeError(f"no input of {definition.name} has the axis {axis_name} to scan over", axis_span,
+                         notes=[Note(f"{n} is {v[2].type}", v[2].origin) for n, v in result.items() if v[2]])
+
+    # 4. Defaults of static parameters, evaluated in the callee with the dims bound so far.
+    el.stack.append(frame)
+    try:
+        for p in params:
+            if p.tensor is not None or p.name in env:
+                continue
+            if p.default is None:
+                raise SpecTypeError(f"{definition.name} needs argument '{p.name}'", call_span,
+                                    notes=[Note(f"{p.name} is declared here", p.span)])
+            env[p.name] = check_value_param(el, p, el.eval(p.default), p.default.span)
+        # 5. Declared types of states that start at zero: every dim must now be known.
+        for p in params:
+            if p.tensor is not None and p.name not in given:
+                env[f"\0type:{p.name}"] = _declared_type(el, definition, p, env, star[0], call_span)
+    finally:
+        el.stack.pop()
+    return result
+
+
+def _signature_dims(definition: ast.Definition) -> set[str]:
+    names = set()
+    for p in definition.params:
+        if p.tensor is not None:
+            for d in p.tensor.dims:
+                if isinstance(d, ast.Expr):
+                    names |= {n.id for n in _names_in(d)}
+    return names
+
+
+def _find_axis(ttype: TensorType, axis: str | int) -> int | None:
+    if isinstance(axis, int):
+        rank = ttype.rank
+        return axis % rank if -rank <= axis < rank else None
+    matches = [i for i, d in enumerate(ttype.shape) if d == Sym.named(axis)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def unify(el: Elaborator, definition: ast.Definition, p: ast.Param, actual: TensorType, env: dict, star: list,
+          span: Span, value: Tensor) -> None:
+    pattern = p.tensor
+    dims = pattern.dims
+    has_star = bool(dims) and isinstance(dims[0], ast.StarDim)
+    fixed = dims[1:] if has_star else dims
+    declared = f"{'' if pattern.dtype == 'float' else pattern.dtype}[{', '.join(_dim_src(d) for d in dims)}]"
+    where = [Note(f"{p.name} is declared {declared}", p.span), Note(f"the argument is {actual}", value.origin)]
+    if any(isinstance(d, ast.StarDim) for d in fixed):
+        raise SpecTypeError("`*` may only stand first in a shape", p.span)
+    if actual.dtype != pattern.dtype:
+        raise SpecTypeError(f"argument '{p.name}' of {definition.name} must be {pattern.dtype}, got {actual.dtype}",
+                            span, notes=where)
+    rank_ok = actual.rank >= len(fixed) if has_star else actual.rank == len(fixed)
+    if not rank_ok:
+        raise ShapeError(f"argument '{p.name}' of {definition.name} has rank {actual.rank}, expected "
+                         f"{'at least ' if has_star else ''}{len(fixed)}", span, notes=where)
+    lead = actual.shape[: actual.rank - len(fixed)]
+    if has_star:
+        if star[0] is None:
+            star[0] = lead
+        elif star[0] != lead:
+            raise ShapeError(
+                f"argument '{p.name}' of {definition.name} has leading dims {show_shape(lead)}, "
+                f"but an earlier argument's `*` matched {show_shape(star[0])}", span, notes=where)
+    for d, size in zip(fixed, actual.shape[actual.rank - len(fixed):]):
+        if isinstance(d, ast.Name) and d.id not in env and d.id not in el.builtins \
+                and d.id not in el.program.definitions:
+            env[d.id] = size  # a free dim: bound by this argument
+            continue
+        el.stack.append(Frame(definition, el.frame.graph, "", env))
+        try:
+            expected = el.as_dim(el.eval(d), d.span)
+        finally:
+            el.stack.pop()
+        if expected != size:
+            bound = ", ".join(f"{n.id} = {_show(env[n.id])}" for n in _names_in(d) if n.id in env)
+            raise ShapeError(
+                f"argument '{p.name}' of {definition.name}: expected {_dim_src(d)} = {expected}, got {size} "
+                f"(in {actual})",
+                span, notes=where + ([Note(bound)] if bound else []))
+
+
+def _dim_src(d) -> str:
+    if isinstance(d, ast.StarDim):
+        return "*"
+    if isinstance(d, ast.Name):
+        return d.id
+    if isinstance(d, ast.Number):
+        return str(d.value)
+    return "…"
+
+
+def _declared_type(el: Elaborator, definition: ast.Definition, p: ast.Param, env: dict,
+                   star: tuple[Dim, ...] | None, span: Span) -> TensorType:
+    dims: list[Dim] = []
+    for d in p.tensor.dims:
+        if isinstance(d, ast.StarDim):
+            if star is None:
+                raise ShapeError(f"cannot tell the leading dims `*` of state {p.name}", span,
+                                 notes=[Note("declared here", p.span)],
+                                 help="pass an input with `*` in its shape, or an initial state")
+            dims.extend(star)
+            continue
+        if isinstance(d, ast.Name) and d.id not in env and d.id not in el.builtins:
+            raise ShapeError(
+                f"cannot tell the size {d.id} of state {p.name}", span,
+                notes=[Note(f"{p.name} is declared here", p.span)],
+                help=f"pass {d.id}=... or an initial {p.name}=... to {definition.name}",
+            )
+        dims.append(el.as_dim(el.eval(d), d.span))
+    return TensorType(tuple(dims), p.tensor.dtype)
+
+
+def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> Any:
+    """Check a static argument against its declared type and domain."""
+    vt = p.value_type
+    if vt is None:
+        return value
+    if isinstance(value, Tensor):
+        raise SpecTypeError(f"'{p.name}' is a static {vt.kind} parameter; a tensor cannot set it", span,
+                            notes=[Note("declared here", p.span)])
+    if vt.kind == "int":
+        value = el.as_int(value, span, f"'{p.name}'")
+    elif vt.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecTypeError(f"'{p.name}' must be a float, got {describe(value)}", span)
+        value = float(value)
+    elif vt.kind == "bool":
+        if not isinstance(value, bool):
+            raise SpecTypeError(f"'{p.name}' must be true or false, got {describe(value)}", span)
+    elif vt.kind == "str":
+        if not isinstance(value, str):
+            raise SpecTypeError(f"'{p.name}' must be a string, got {describe(value)}", span)
+    elif vt.kind == "block":
+        if not isinstance(value, (ast.Definition, Builtin)):
+            raise SpecTypeError(f"'{p.name}' must be a block, got {describe(value)}", span)
+    elif vt.kind == "choice":
+        choices = [el.eval(c) for c in vt.choices]
+        if not any(_same(value, c) for c in choices):
+            shown = ", ".join(_show(c) for c in choices)
+            raise SpecTypeError(f"'{p.name}' must be one of {{{shown}}}, got {_show(value)}", span,
+                                notes=[Note("declared here", p.span)])
+    if vt.kind in ("int", "float") and vt.low is not None:
+        low, high = el.eval(vt.low), el.eval(vt.high)
+        if not (low <= value <= high):
+            raise SpecTypeError(f"'{p.name}' = {value} is outside its domain {_show(low)}..{_show(high)}", span,
+                                notes=[Note("declared here", p.span)])
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def elaborate(unit: ModelIR) -> ModelIR:
+    """The pass: fill `unit.graph`, `unit.parameters` and `unit.shapes` from the model's AST."""
+    el = Elaborator(unit.program, unit.limits)
+    unit.graph, unit.parameters = el.elaborate_model(unit.model, unit.overrides)
+    unit.shapes = el.shapes
+    return unit

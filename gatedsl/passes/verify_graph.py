@@ -1,0 +1,38 @@
+"""Verify graph: every node's attributes match its op's schema and its recorded types re-derive from its inputs."""
+
+from __future__ import annotations
+
+from gatedsl.ir.graph import Graph
+from gatedsl.ir.model import ModelIR
+from gatedsl.ir.ops import REGISTRY
+
+
+class GraphInvariantError(AssertionError):
+    """A malformed graph: a bug in gatedsl, never in the spec."""
+
+
+def verify_graph(unit: ModelIR) -> ModelIR:
+    _verify(unit.graph)
+    return unit
+
+
+def _verify(graph: Graph) -> None:
+    for n in graph.order():
+        data = graph.node(n)
+        opdef = REGISTRY.get(data["op"])
+        if opdef is None:
+            raise GraphInvariantError(f"node {n} has unknown op {data['op']}")
+        if not isinstance(data["attrs"], opdef.attrs):
+            raise GraphInvariantError(f"node {n} ({data['op']}) has attrs of type {type(data['attrs']).__name__}")
+        for src, port in data["inputs"]:
+            if src >= n or port >= len(graph.node(src)["types"]):
+                raise GraphInvariantError(f"node {n} reads ({src}, {port}), which does not precede it")
+        ins = [graph.type_of(p) for p in data["inputs"]]
+        if opdef.infer(data["attrs"], ins) != data["types"]:
+            raise GraphInvariantError(f"node {n} ({data['op']}): recorded types do not re-derive")
+        body = getattr(data["attrs"], "body", None)
+        if isinstance(body, Graph):
+            _verify(body)
+    for name, (node, port) in graph.outputs:
+        if node not in graph.g or port >= len(graph.node(node)["types"]):
+            raise GraphInvariantError(f"output {name} reads a missing node")
