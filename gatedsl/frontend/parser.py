@@ -51,7 +51,7 @@ def _parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=True,
         postlex=_NewlinePostLexer(),
-        cache=False,
+        cache=True,  # Lark keeps the LALR tables in a temp file: a fresh process starts faster
     )
 
 

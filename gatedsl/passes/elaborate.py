@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from gatedsl.errors import (
     NameResolutionError,
     Note,
     ShapeError,
+    SourceCache,
     Span,
     SpecError,
     SpecTypeError,
@@ -69,6 +71,8 @@ class Elaborator:
 
     def unique(self, prefix: str, base: str) -> str:
         taken = self.used_names.setdefault(prefix, set())
+        if keyword.iskeyword(base):
+            base += "_"  # instance paths become Python attribute names in generated code
         name, i = base, 0
         while name in taken:
             i += 1
@@ -103,7 +107,7 @@ class Elaborator:
         try:
             out_types = opdef.infer(validated, in_types)
         except ShapeError as err:
-            notes = [Note(f"{t.label or 'operand'} is {t.type}", t.origin) for t in inputs if t.origin != span]
+            notes = [Note(f"{_describe_operand(t)} is {t.type}", t.origin) for t in inputs if t.origin != span]
             raise ShapeError(err.message, span, notes=notes, help=err.help) from None
         for t in out_types:
             for d in t.shape:
@@ -165,7 +169,7 @@ class Elaborator:
                 raise SpecError("a model names its results with `output NAME = ...`, not `return`", stmt.span)
             if self.frame.returns is not None:
                 raise SpecError("a second `return` in the same definition", stmt.span)
-            self.frame.stmt = self.frame.path + "return"
+            self.frame.stmt = self.frame.path + self.unique(self.frame.path, "out")
             self.frame.returns = [self.eval(v) for v in stmt.values]
         elif isinstance(stmt, ast.Repeat):
             self.repeat(stmt)
@@ -601,6 +605,18 @@ def _gate_kind(node: dict) -> str | None:
     if op == "param":
         return "learned"
     return None
+
+
+def _describe_operand(t: Tensor) -> str:
+    if t.label:
+        return t.label
+    span = t.origin
+    line = SourceCache.line(span.file, span.line)
+    if line is not None and span.end_line == span.line and span.end_column:
+        text = line[span.column - 1:span.end_column - 1].strip()
+        if 0 < len(text) <= 40:
+            return f"`{text}`"
+    return "this operand"
 
 
 def _names_in(expr: ast.Expr):

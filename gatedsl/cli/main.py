@@ -1,0 +1,179 @@
+"""The `gatedsl` command: check, compile and graph; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatedsl import __version__
+from gatedsl.errors import SpecError
+
+EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+REPORT_URL = "https://github.com/gatedsl/gatedsl/issues"
+
+
+class UsageError(Exception):
+    """A command-line mistake that argparse cannot see (a malformed -p, an unknown output format)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatedsl", description="Check, compile and draw .gate specs.")
+    parser.add_argument("--version", action="version", version=f"gatedsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a model parameter (repeatable)")
+        p.add_argument("--model", help="the model to use when the file defines several")
+        p.add_argument("--max-params", type=int, default=None, metavar="N",
+                       help="reject models with more learned elements than this (default 2**31)")
+        p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
+                       help="a size for a symbolic dim when counting FLOPs (default 1)")
+
+    p = sub.add_parser("check", help="validate specs without allocating weights")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    model_options(p)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("compile", help="compile a spec and print its summary")
+    p.add_argument("file", metavar="FILE")
+    model_options(p)
+    p.add_argument("-o", "--output", metavar="OUT.py", help="write a standalone PyTorch module and its weights")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("graph", help="draw the IR with shapes on the edges and gates highlighted")
+    p.add_argument("file", metavar="FILE")
+    model_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT.dot|.svg|.png")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out[name.strip()] = value
+    return out
+
+
+def _dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for name, value in _pairs(items, "-d").items():
+        try:
+            dims[name] = int(value)
+        except ValueError:
+            raise UsageError(f"-d {name}= needs an integer size, got {value!r}") from None
+    return dims
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 for --help/--version
+        return int(exit_.code or 0)
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"gatedsl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpecError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_SPEC
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a bug in gatedsl, never the user's fault
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"gatedsl: internal error ({type(err).__name__}: {err}); this is a bug in gatedsl, please report it "
+              f"with the spec at {REPORT_URL} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _check(args) -> int:
+    from gatedsl.api import check
+
+    params = _pairs(args.param, "-p")
+    dims = _dims(args.dim)
+    failed = 0
+    for file in args.files:
+        if not Path(file).is_file():
+            raise UsageError(f"no such file: {file}")
+        try:
+            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=dims)
+        except SpecError as err:
+            print(err.render(), file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{file}: ok: model {rep.model}, {rep.params:,} parameters, {len(rep.gates)} gates, "
+              f"{rep.flops_expr} FLOPs")
+    return EXIT_SPEC if failed else EXIT_OK
+
+
+def _compile(args) -> int:
+    from gatedsl.api import analyse, report
+
+    if not Path(args.file).is_file():
+        raise UsageError(f"no such file: {args.file}")
+    if args.output and Path(args.output).suffix != ".py":
+        raise UsageError(f"-o writes a Python module: give a path ending in .py, got {args.output}")
+    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params)
+    rep = report(unit, _dims(args.dim))
+    from gatedsl.backend.fx_emit import emit
+
+    gm = emit(unit)
+    written = None
+    if args.output:
+        from gatedsl.backend.export import export_standalone
+
+        written = export_standalone(gm, Path(args.output), source=args.file)
+    if args.json:
+        summary: dict[str, Any] = rep.model_dump()
+        summary["gates"] = [{"name": g.name, "kind": g.kind, "line": g.line} for g in rep.gates]
+        if written:
+            summary["written"] = [str(p) for p in written]
+        print(json.dumps(summary))
+    else:
+        from gatedsl.cli.summary import print_summary
+
+        print_summary(rep)
+        if written:
+            print(f"wrote {written[0]} and its weights {written[1]}")
+    return EXIT_OK
+
+
+def _graph(args) -> int:
+    from gatedsl.api import analyse
+    from gatedsl.cli.draw import write_graph
+
+    if not Path(args.file).is_file():
+        raise UsageError(f"no such file: {args.file}")
+    out = Path(args.output)
+    if out.suffix not in (".dot", ".svg", ".png"):
+        raise UsageError(f"graph writes .dot, .svg or .png, got {out.name}")
+    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params)
+    try:
+        write_graph(unit, out)
+    except FileNotFoundError as err:  # Graphviz's `dot` is needed for .svg and .png
+        raise UsageError(f"rendering {out.suffix} needs Graphviz's `dot` program ({err}); "
+                         f"install graphviz, or write .dot") from None
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The human summary `gatedsl compile` prints: inputs and outputs, parameters per block, FLOPs and gates."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from gatedsl.api import Report
+
+
+def _shape(shape: list) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def print_summary(rep: Report, console: Console | None = None) -> None:
+    console = console or Console(highlight=False, soft_wrap=True)
+    params = ", ".join(f"{k}={v}" for k, v in rep.parameters.items())
+    console.print(f"[bold]model {rep.model}[/bold] ({rep.file})" + (f"  {params}" if params else ""))
+
+    io = Table(title="inputs and outputs", title_justify="left", show_edge=False)
+    io.add_column("name")
+    io.add_column("kind")
+    io.add_column("shape")
+    for name, shape in rep.inputs.items():
+        dtype = rep.input_dtypes.get(name, "float")
+        io.add_row(name, "input", (dtype if dtype != "float" else "") + _shape(shape))
+    for name, shape in rep.outputs.items():
+        io.add_row(name, "output", _shape(shape))
+    console.print(io)
+
+    blocks = Table(title="parameters", title_justify="left", show_edge=False)
+    blocks.add_column("block")
+    blocks.add_column("parameters", justify="right")
+    for block, count in sorted(rep.params_by_block.items()):
+        blocks.add_row(block, f"{count:,}")
+    blocks.add_row("[bold]total[/bold]", f"[bold]{rep.params:,}[/bold]")
+    console.print(blocks)
+
+    console.print(f"FLOPs per forward: {rep.flops_expr}  (= {rep.flops:,} with the given sizes, 1 elsewhere)")
+
+    gates = Table(title=f"gates ({len(rep.gates)})", title_justify="left", show_edge=False)
+    gates.add_column("gate")
+    gates.add_column("kind")
+    gates.add_column("line", justify="right")
+    for g in rep.gates:
+        gates.add_row(g.name, g.kind, str(g.line))
+    console.print(gates)
