@@ -4,4 +4,14 @@ from gatedsl.api import GateInfo, Report, check, compile, example_inputs
 from gatedsl.errors import SpecError
 
 __version__ = "0.1.0"
-__all__ = ["SpecError", "Report", "GateInfo", "check", "compile", "example_inputs", "__version__"]
+__all__ = ["SpecError", "Report", "GateInfo", "check", "compile", "example_inputs", "load_torch_rnn",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: gatedsl.interop needs torch, which `check` never imports.
+    if name == "load_torch_rnn":
+        from gatedsl.interop import load_torch_rnn
+
+        return load_torch_rnn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY, ScanAttrs
 from gatedsl.ir.types import Dim, Sym, TensorType, dim_div, dim_mul, show_shape
 from gatedsl.ir.values import Builtin, Tensor, describe
+from gatedsl.passes.reserved_names import safe_attribute_name
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
@@ -71,8 +72,9 @@ class Elaborator:
 
     def unique(self, prefix: str, base: str) -> str:
         taken = self.used_names.setdefault(prefix, set())
-        if keyword.iskeyword(base):
-            base += "_"  # instance paths become Python attribute names in generated code
+        # Instance paths become torch module attributes and Python names in generated code: keywords,
+        # nn.Module / GraphModule attributes (training, forward, state_dict, ...) and _private names get a "_".
+        base = safe_attribute_name(base)
         name, i = base, 0
         while name in taken:
             i += 1

@@ -1,0 +1,44 @@
+"""Names a spec may use but an instance path segment may not: they would clash with torch.nn.Module / fx.GraphModule
+attributes (`training`, `forward`, `state_dict`, ...) or be Python keywords in fx's generated code.
+
+Hard-coded so that `gatedsl.check` never imports torch; tests/test_fuzz.py asserts the set covers
+`dir(torch.nn.Module)` and `dir(torch.fx.GraphModule)` of the installed torch.
+"""
+
+from __future__ import annotations
+
+import keyword
+
+# Every public attribute of torch.nn.Module and torch.fx.GraphModule (classes and instances), torch 2.4 to 2.13,
+# plus a few that recent releases added or that stand next to them. Private names (a leading "_") are all avoided.
+MODULE_ATTRIBUTES = frozenset("""
+    T_destination add_module add_submodule apply bfloat16 buffers call_super_init children code compile cpu cuda
+    delete_all_unused_submodules delete_submodule double dump_patches eval extra_repr float forward get_buffer
+    get_extra_state get_parameter get_submodule graph half ipu load_state_dict meta modules mtia named_buffers
+    named_children named_modules named_parameters parameters print_readable recompile register_backward_hook
+    register_buffer register_forward_hook register_forward_pre_hook register_full_backward_hook
+    register_full_backward_pre_hook register_load_state_dict_post_hook register_load_state_dict_pre_hook
+    register_module register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
+    set_extra_state set_submodule shape_env share_memory state_dict to to_empty to_folder train training type xpu
+    zero_grad hpu npu xla
+""".split())
+
+RESERVED = MODULE_ATTRIBUTES | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self"}
+
+
+def is_reserved(name: str) -> bool:
+    return name in RESERVED or name.startswith("_") or not name.isidentifier()
+
+
+def safe_attribute_name(name: str) -> str:
+    """`name` itself where it can be a module attribute; otherwise a close name that can (`training` -> `training_`,
+    `_x` -> `x_`)."""
+    if not is_reserved(name):
+        return name
+    stripped = "".join(c if c.isalnum() or c == "_" else "_" for c in name).lstrip("_")
+    if not stripped or stripped[0].isdigit():
+        stripped = "v" + stripped
+    name = stripped + "_"
+    while name in RESERVED:  # pragma: no cover - no reserved name ends in "_" today
+        name += "_"
+    return name
