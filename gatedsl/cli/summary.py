@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -14,7 +16,7 @@ def _shape(shape: list) -> str:
 
 def print_summary(rep: Report, console: Console | None = None) -> None:
     console = console or Console(highlight=False, soft_wrap=True)
-    params = ", ".join(f"{k}={v}" for k, v in rep.parameters.items())
+    params = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in rep.parameters.items())
     console.print(f"[bold]model {rep.model}[/bold] ({rep.file})" + (f"  {params}" if params else ""))
 
     io = Table(title="inputs and outputs", title_justify="left", show_edge=False)
@@ -43,5 +45,6 @@ def print_summary(rep: Report, console: Console | None = None) -> None:
     gates.add_column("kind")
     gates.add_column("line", justify="right")
     for g in rep.gates:
-        gates.add_row(g.name, g.kind, str(g.line))
+        where = str(g.line) if g.file == rep.file else f"{Path(g.file).name}:{g.line}"
+        gates.add_row(g.name, g.kind, where)
     console.print(gates)
