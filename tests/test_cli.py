@@ -195,3 +195,13 @@ def test_graph_renders_with_graphviz(spec, tmp_path, suffix, magic, capsys):
     out = tmp_path / f"g{suffix}"
     assert main(["graph", str(spec), "-o", str(out)]) == 0
     assert out.read_bytes().startswith(magic)
+
+
+def test_check_library_file_without_model(tmp_path, capsys):
+    lib = tmp_path / "lib.gate"
+    lib.write_text("block Twice(x: [*, D]) {\n  return 2 * x\n}\n")
+    assert main(["check", str(lib)]) == 0
+    assert "library with 1 block" in capsys.readouterr().out
+    lib.write_text("block Twice(x: [*, D]) {\n  return 2 * \n}\n")
+    assert main(["check", str(lib)]) == 1
+    assert f"{lib}:2:" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def _check(args) -> int:
         if not Path(file).is_file():
             raise UsageError(f"no such file: {file}")
         try:
+            library = _library_summary(Path(file)) if args.model is None else None
+            if library is not None:
+                print(f"{file}: ok: {library}")
+                continue
             rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=dims)
         except SpecError as err:
             print(err.render(), file=sys.stderr)
@@ -119,6 +123,19 @@ def _check(args) -> int:
         print(f"{file}: ok: model {rep.model}, {rep.params:,} parameters, {len(rep.gates)} gates, "
               f"{rep.flops_expr} FLOPs")
     return EXIT_SPEC if failed else EXIT_OK
+
+
+def _library_summary(path: Path) -> str | None:
+    """For a file with no model (a library of blocks and cells): what it defines, once it parses and resolves."""
+    from gatedsl.api import load
+
+    program = load(path)
+    if any(d.kind == "model" for d in program.main.definitions):
+        return None
+    kinds = [d.kind for d in program.main.definitions]
+    counts = ", ".join(f"{kinds.count(k)} {k}{'s' if kinds.count(k) != 1 else ''}" for k in ("block", "cell")
+                       if k in kinds) or "no definitions"
+    return f"library with {counts} (each is checked where a model uses it)"
 
 
 def _compile(args) -> int:
