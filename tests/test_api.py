@@ -101,3 +101,16 @@ def test_several_models_need_a_name():
         gatedsl.check(two)
     assert "defines 2 models" in err.value.message
     assert gatedsl.check(two, model="Other").outputs == {"y": ["B", 2]}
+
+
+def test_symbolic_input_sizes_are_names_in_the_body():
+    src = textwrap.dedent("""\
+        model M() {
+          input x: [B, T, 4]
+          z = zeros([B, T, 2])
+          output y = concat([x, z], -1)
+        }
+    """)
+    assert gatedsl.check(src).outputs == {"y": ["B", "T", 6]}
+    y = gatedsl.compile(src)(torch.randn(3, 5, 4))
+    assert y.shape == (3, 5, 6) and torch.all(y[..., 4:] == 0)

@@ -249,7 +249,7 @@ COLLIDING = ["training", "forward", "state_dict", "_x", "_modules", "_parameters
              "class", "def", "pass", "yield", "import_", "torch", "getattr", "operator", "print", "len", "F",
              "nn", "math", "fx", "x_1", "h_1", "out", "out_1"]
 FRESH = ["zz", "fresh", "a1", "B", "T", "N", "D", "H", "sigmoid", "linear", "none", "zeros", "size"]
-NUMBERS = ["0", "-1", "-7", "1", "3", "1000000000", "1000000000000000000000000000000", "10 ** 30", "10**9",
+NUMBERS = ["0", "-1", "-7", "1", "2", "3", "5", "8", "16", "-0", "0.5", "1_0", "3e2", "2 ** 62", "2 ** 63", "1000000000", "1000000000000000000000000000000", "10 ** 30", "10**9",
            "2.5", "-2.5", "1e308", "1e-9", "0.0", "2 ** 10 ** 10", "(0 - 1)", "7 // 0", "1 / 0"]
 
 
@@ -309,6 +309,27 @@ def m_token_move(draw, text):
     return "".join(pieces)
 
 
+VOCABULARY = KEYWORDS + ["(", ")", "[", "]", "{", "}", ",", ":", "=", "+", "-", "*", "/", "//", "%", "@", "**",
+                         "==", "!=", "<", "<=", ">", ">=", "...", "..", ".", "\n", "*", "x", "h", "B", "T", "1",
+                         "-1", "0", "2.5", '"s"', "sigmoid", "linear", "scan", "repeat"]
+
+
+def m_token_replace(draw, text):
+    """A token becomes another: one from the spec, or any token of the language."""
+    pieces = tokens_of(text)
+    sig = _significant(pieces)
+    i = _pick(draw, sig)
+    pieces[i] = draw(st.one_of(st.sampled_from(VOCABULARY), st.sampled_from([pieces[j] for j in sig])))
+    return "".join(pieces)
+
+
+def m_token_insert(draw, text):
+    pieces = tokens_of(text)
+    i = _pick(draw, _significant(pieces))
+    pieces[i] = pieces[i] + " " + draw(st.sampled_from(VOCABULARY))
+    return "".join(pieces)
+
+
 def m_line_delete(draw, text):
     lines = text.split("\n")
     del lines[draw(st.integers(0, len(lines) - 1))]
@@ -364,7 +385,7 @@ def m_rename_all(draw, text):
     return "".join(new if p == old else p for p in pieces)
 
 
-TOKEN_MUTATIONS = [m_token_delete, m_token_duplicate, m_token_swap, m_token_move]
+TOKEN_MUTATIONS = [m_token_delete, m_token_duplicate, m_token_swap, m_token_move, m_token_replace, m_token_insert]
 LINE_MUTATIONS = [m_line_delete, m_line_duplicate, m_line_swap]
 NAME_MUTATIONS = [m_rename_one, m_rename_all]
 ALL_MUTATIONS = TOKEN_MUTATIONS + LINE_MUTATIONS + [m_number] + NAME_MUTATIONS

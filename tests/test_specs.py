@@ -299,3 +299,16 @@ def test_forecaster_gates_are_listed():
     for i in range(2):
         assert {f"layers.{i}.cell.i", f"layers.{i}.cell.f", f"layers.{i}.cell.o",
                 f"layers.{i}.gated_attention.g"} <= set(names)
+
+
+def test_readme_first_command_and_check_on_every_model_spec():
+    """`gatedsl compile specs/forecaster.gate` (the README's first command) and `gatedsl check` of every model."""
+    import subprocess
+    import sys
+
+    root = SPECS.parent
+    run = [sys.executable, "-m", "gatedsl"]
+    compiled = subprocess.run(run + ["compile", "specs/forecaster.gate"], cwd=root, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr
+    checked = subprocess.run(run + ["check", *map(str, MODEL_SPECS)], cwd=root, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

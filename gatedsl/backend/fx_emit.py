@@ -116,6 +116,9 @@ class _Emitter:
         return self.fx.get_attr(self.rel(path))
 
     def call(self, fn: Callable, args: tuple, kwargs: dict | None = None, name: str | None = None) -> fx.Node:
+        # fx keeps keywords and globals out of its names, but not `self`, forward()'s first argument.
+        if name == "self":
+            name = "self_"
         return self.fx.create_node("call_function", fn, args, kwargs or {}, name=name)
 
     def size(self, d) -> Any:
@@ -138,6 +141,12 @@ class _Emitter:
         self.sym_values[d] = value
         return value
 
+    def float_like(self) -> fx.Node | None:
+        """`like`, or where no float tensor came before, a learned tensor (which follows .double())."""
+        if self.like is None and self.ir.params:
+            self.like = self.get_attr(self.ir.params[0].path)
+        return self.like
+
     def record(self, node: fx.Node, ttype: TensorType) -> None:
         for axis, d in enumerate(ttype.shape):
             if isinstance(d, Sym) and d not in self.sym_sources:
@@ -154,7 +163,8 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
         out = LOWERINGS[data["op"]](em, data, args)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         if len(data["types"]) > 1 and len(outs) == 1:
-            outs = [em.call(operator.getitem, (outs[0], i), name=f"{data['name']}_{i}")
+            named = data.get("out_names", {})
+            outs = [em.call(operator.getitem, (outs[0], i), name=named.get(i, f"{data['name']}_{i}"))
                     for i in range(len(data["types"]))]
         for i, (node, ttype) in enumerate(zip(outs, data["types"])):
             em.values[(n, i)] = node
@@ -199,7 +209,7 @@ def _fill(em, data, args):
         dtype = None if a.dtype == "float" else (torch.long if a.dtype == "int" else torch.bool)
         return em.call(torch.full_like, (args[0], a.value), {"dtype": dtype} if dtype else {})
     sizes = [em.size(d) for d in a.shape]
-    return em.call(runtime.fill, (sizes, a.value, em.like, a.dtype), name=data["name"])
+    return em.call(runtime.fill, (sizes, a.value, em.float_like(), a.dtype), name=data["name"])
 
 
 _UNARY = {
@@ -236,6 +246,11 @@ def _binary(em, data, args):
         operands.insert(0, a.left_scalar)
     if a.right_scalar is not None:
         operands.append(a.right_scalar)
+    if a.fn == "floordiv":  # floor_divide has no derivative; div(rounding_mode="floor") has (zero)
+        return em.call(torch.div, tuple(operands), {"rounding_mode": "floor"}, name=data["name"])
+    if a.fn == "mod" and a.left_scalar is not None:  # remainder(scalar, x) has no derivative for x
+        kind = torch.float64 if isinstance(a.left_scalar, float) else torch.long
+        operands[0] = em.call(torch.as_tensor, (a.left_scalar,), {"dtype": kind})
     return em.call(_BINARY[a.fn], tuple(operands), name=data["name"])
 
 
@@ -252,7 +267,7 @@ def _clamp(em, data, args):
 
 @lowering("cast")
 def _cast(em, data, args):
-    return em.call(runtime.cast, (args[0], data["attrs"].dtype, em.like), name=data["name"])
+    return em.call(runtime.cast, (args[0], data["attrs"].dtype, em.float_like()), name=data["name"])
 
 
 @lowering("binary_gate")
@@ -425,7 +440,7 @@ def _embedding(em, data, args):
 
 @lowering("one_hot")
 def _one_hot(em, data, args):
-    return em.call(runtime.one_hot, (args[0], data["attrs"].num, em.like), name=data["name"])
+    return em.call(runtime.one_hot, (args[0], data["attrs"].num, em.float_like()), name=data["name"])
 
 
 @lowering("dropout")

@@ -164,9 +164,21 @@ def parse_init(el: "Elaborator", node: ast.Expr) -> InitSpec | None:
         args.append(float(v))
     if kind == "normal" and len(args) == 1:
         args = [0.0, args[0]]  # normal(std) means mean 0
-    if kind in ("normal", "trunc_normal") and args[-1] < 0:
+    if kind == "normal" and args[-1] < 0:
         raise SpecTypeError("a standard deviation cannot be negative", node.span)
+    if kind == "trunc_normal" and args[-1] <= 0:
+        raise SpecTypeError("trunc_normal needs a positive standard deviation", node.span)
+    if kind == "uniform" and args[0] > args[1]:
+        raise SpecTypeError(f"uniform(a, b) needs a <= b, got uniform({args[0]:g}, {args[1]:g})", node.span)
     return InitSpec(kind=kind, args=tuple(args))
+
+
+def _check_init(init: InitSpec | None, shape: tuple[int, ...], span: Span) -> None:
+    """Schemes that read fans need a matrix (or a conv kernel); torch raises on a vector."""
+    if init is not None and init.kind in ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
+                                          "orthogonal") and len(shape) < 2:
+        raise SpecTypeError(f"init {init.kind} needs a tensor of at least 2 dims, and this one is {list(shape)}",
+                            span, help="use normal(std), uniform(a, b), zeros, ... for a vector")
 
 
 def fan_in_uniform(fan_in: int) -> InitSpec:
@@ -197,6 +209,25 @@ def _label(el, module_path: str | None = None) -> str:
     return el.frame.stmt.rsplit(".", 1)[-1] if el.frame.stmt else ""
 
 
+def _weights_path(el, role: str) -> str:
+    """A fresh instance path for a primitive's weights in the current statement (`z.x_proj`).
+
+    A learned tensor is named by its statement alone (`w = learned([H])` is `w`); if the same
+    statement also has other weights, which live under the statement's path, it moves to `w.learned`.
+    """
+    stmt = el.frame.stmt
+    graph = el.frame.graph
+    for p in graph.params:
+        if p.path == stmt:
+            p.path = el.module_path("learned")
+            for n in graph.order():
+                data = graph.node(n)
+                if data["op"] == "param" and data["attrs"].path == stmt:
+                    data["attrs"] = data["attrs"].model_copy(update={"path": p.path})
+            break
+    return el.module_path(role)
+
+
 def _proj_role(call: ast.Call, suffix: str = "proj") -> str:
     first = call.args[0] if call.args else None
     return f"{first.id}_{suffix}" if isinstance(first, ast.Name) else suffix
@@ -212,8 +243,9 @@ def _linear(el, call, a):
     out = a["out"][0]
     if out <= 0:
         raise SpecTypeError(f"linear needs a positive output size, got {out}", a["out"][1])
-    path = el.module_path(_proj_role(call))
+    path = _weights_path(el, _proj_role(call))
     default = fan_in_uniform(max(in_features, 1))
+    _check_init(a["bias_init"][0], (out,), a["bias_init"][1])
     attrs = {"in_features": max(in_features, 1), "out_features": out, "weight": path + ".weight",
              "bias": path + ".bias" if a["bias"][0] else None,
              "weight_init": a["init"][0] or default, "bias_init": (a["bias_init"][0] or default) if a["bias"][0] else None}
@@ -293,14 +325,28 @@ def _where(el, call, a):
         if not isinstance(v, Tensor):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecTypeError(f"where needs numbers or tensors, got {describe(v)}", span)
-            (v,) = el.add("fill", {"value": float(v), "shape": ()}, [], span)
+            # A scalar is a 0-dim tensor of its own kind, so where(mask, idx, 0) stays int as in torch.
+            (v,) = el.add("fill", {"value": float(v), "shape": (), "dtype": "int" if isinstance(v, int) else "float"},
+                          [], span)
         values.append(v)
     return el.add("where", {}, [cond] + values, call.span)[0]
 
 
-@builtin("clamp", Arg("x", "tensor"), Arg("min", "float?", None), Arg("max", "float?", None))
+@builtin("clamp", Arg("x", "tensor"), Arg("min", "any", None), Arg("max", "any", None))
 def _clamp(el, call, a):
-    return el.add("clamp", {"min": a["min"][0], "max": a["max"][0]}, [a["x"][0]], call.span)[0]
+    """clamp(x, min, max): either bound may be left out, not both; int bounds keep an int tensor int."""
+    bounds = {}
+    for key in ("min", "max"):
+        v, span = a[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise SpecTypeError(f"clamp's {key} must be a static number, got {describe(v)}", span)
+        bounds[key] = v
+    if bounds["min"] is None and bounds["max"] is None:
+        raise SpecTypeError("clamp needs min or max (or both)", call.span, help=_usage("clamp", _clamp_spec))
+    return el.add("clamp", bounds, [a["x"][0]], call.span)[0]
+
+
+_clamp_spec = BUILTINS["clamp"].spec
 
 
 for _name, _dtype in (("to_float", "float"), ("to_int", "int"), ("to_bool", "bool")):
@@ -356,7 +402,7 @@ def _norm(kind: str, eps: float):
         if x.type.rank == 0:
             raise SpecTypeError(f"{kind}_norm needs at least one dim", span)
         features = _static_size(x, x.type.rank - 1, f"{kind}_norm", span)
-        path = el.module_path("norm") if a["affine"][0] else None
+        path = _weights_path(el, "norm") if a["affine"][0] else None
         attrs = {"kind": kind, "eps": a["eps"][0], "groups": a["groups"][0] if kind == "group" else 1,
                  "features": features,
                  "weight": path + ".weight" if path else None,
@@ -425,7 +471,8 @@ def _conv(spatial: int, depthwise: bool):
                 raise SpecTypeError(f"padding must be 'same', 'valid' or {spatial} non-negative ints", pspan)
         if out <= 0 or groups <= 0:
             raise SpecTypeError(f"{name} needs positive channels and groups", call.span)
-        path = el.module_path("conv")
+        path = _weights_path(el, "conv")
+        _check_init(a["bias_init"][0], (out,), a["bias_init"][1])
         fan_in = max(channels // groups, 1) * math.prod(kernel)
         default = fan_in_uniform(fan_in)
         attrs = {"spatial": spatial, "in_channels": channels, "out_channels": out, "kernel": kernel,
@@ -591,6 +638,9 @@ def _reduce(fn: str, python: Callable | None):
             dims = tuple(range(x.type.rank))
         else:
             raw = dim if isinstance(dim, (list, tuple)) else [dim]
+            if not raw:
+                raise SpecTypeError(f"{fn} over an empty list of dims", dspan,
+                                    help=f"leave dim out to reduce over every dim: {fn}(x)")
             dims = tuple(el.as_int(d, dspan, "dim") for d in raw)
         return el.add("reduce", {"fn": fn, "dims": dims, "keepdim": a["keepdim"][0]}, [x], call.span)[0]
 
@@ -637,7 +687,7 @@ def _attention(el, call, a):
 # ------------------------------------------------- embeddings and learned
 @builtin("embedding", Arg("index", "tensor"), Arg("num", "int"), Arg("dim", "int"), Arg("init", "init?", None))
 def _embedding(el, call, a):
-    path = el.module_path("embedding")
+    path = _weights_path(el, "embedding")
     init = a["init"][0] or InitSpec(kind="normal", args=(0.0, 1.0))  # torch.nn.Embedding's default
     return el.add("embedding", {"num": a["num"][0], "dim": a["dim"][0], "weight": path + ".weight",
                                 "init": init}, [a["index"][0]], call.span, label=_label(el, path), params_at=path)[0]
@@ -656,7 +706,7 @@ def _dropout(el, call, a):
     p = a["p"][0]
     if not 0 <= p < 1:
         raise SpecTypeError(f"dropout probability must be in [0, 1), got {p}", a["p"][1])
-    path = el.module_path("dropout")
+    path = _weights_path(el, "dropout")
     el.frame.graph.modules.append(ModuleSpec(path, "dropout", {"p": p}))
     return el.add("dropout", {"p": p, "module": path}, [a["x"][0]], call.span)[0]
 
@@ -668,8 +718,16 @@ def _learned(el, call, a):
     for d in shape:
         if not isinstance(d, int) or d <= 0:
             raise SpecTypeError(f"a learned tensor needs positive static sizes, got {list(shape)}", span)
-    path = el.frame.stmt
-    init = a["init"][0] or fan_in_uniform(shape[-1] if shape else 1)
+    stmt = el.frame.stmt
+    taken = any(p.path == stmt or p.path.startswith(stmt + ".") for p in el.frame.graph.params) or any(
+        m.path.startswith(stmt + ".") for m in el.frame.graph.modules)
+    # Named by its statement (`w`), unless the statement already holds weights: then `w.learned`.
+    path = _weights_path(el, "learned") if taken else stmt
+    init = a["init"][0]
+    if init is not None:
+        _check_init(init, shape, a["init"][1])
+    else:
+        init = fan_in_uniform(shape[-1] if shape else 1)
     el.add_param(path, tuple(shape), init, call.span)
     return el.add("param", {"path": path, "shape": tuple(shape)}, [], call.span, label=_label(el))[0]
 

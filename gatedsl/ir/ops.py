@@ -138,6 +138,9 @@ def _unary(a: UnaryAttrs, ins):
         return [TensorType(x.shape, "bool")]
     if a.fn not in ("neg", "abs", "sign", "square"):
         _float(x, a.fn)
+    elif x.dtype == "bool" and a.fn != "sign":
+        raise ShapeError(f"{a.fn} needs a number tensor, got bool {show_shape(x.shape)}; use to_int or to_float first"
+                         if a.fn != "neg" else f"cannot negate a bool tensor {show_shape(x.shape)}; use `not`")
     return [x]
 
 
@@ -152,6 +155,9 @@ class BinaryAttrs(Attrs):
     fn: Literal[BINARY_FNS]  # type: ignore[valid-type]
     left_scalar: float | int | bool | None = None
     right_scalar: float | int | bool | None = None
+
+
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**"}
 
 
 def _scalar_dtype(v) -> str:
@@ -174,8 +180,20 @@ def _binary(a: BinaryAttrs, ins):
     if a.fn in COMPARISONS or a.fn in ("and", "or"):
         return [TensorType(shape, "bool")]
     dtype = promote(left.dtype, right.dtype)
-    if a.fn == "div" or dtype == "bool":
-        dtype = "float" if a.fn == "div" else ("int" if dtype == "bool" else dtype)
+    if a.fn == "div":
+        return [TensorType(shape, "float")]
+    if a.fn in ("maximum", "minimum"):
+        return [TensorType(shape, dtype)]
+    bool_tensor = any(t.dtype == "bool" for t in ins)
+    if dtype == "bool" or (a.fn == "sub" and bool_tensor):
+        # torch adds and multiplies two bools as bools, and subtracts no bool tensor at all.
+        raise ShapeError(f"arithmetic ({_SYMBOL[a.fn]}) on a bool tensor; convert it with to_int or to_float first")
+    if dtype == "int":
+        scalar = a.right_scalar
+        if a.fn in ("floordiv", "mod") and scalar is not None and not isinstance(scalar, float) and scalar == 0:
+            raise ShapeError(f"integer {'division' if a.fn == 'floordiv' else 'modulo'} by zero")
+        if a.fn == "pow" and isinstance(scalar, int) and not isinstance(scalar, bool) and scalar < 0:
+            raise ShapeError("an int tensor raised to a negative int power; use to_float first")
     return [TensorType(shape, dtype)]
 
 
@@ -194,13 +212,22 @@ def _where(a, ins):
 
 
 class ClampAttrs(Attrs):
-    min: float | None = None
-    max: float | None = None
+    min: int | float | None = None  # an int bound keeps an int tensor int
+    max: int | float | None = None
 
 
 @op("clamp", ClampAttrs, flops=_elementwise_flops)
 def _clamp(a, ins):
-    return [ins[0]]
+    (x,) = ins
+    if a.min is None and a.max is None:
+        raise ShapeError("clamp needs min or max (or both)")
+    if x.dtype == "bool":
+        raise ShapeError(f"clamp needs a number tensor, got bool {show_shape(x.shape)}")
+    if a.min is not None and a.max is not None and a.min > a.max:
+        raise ShapeError(f"clamp: min {a.min} is above max {a.max}")
+    if x.dtype == "int" and any(isinstance(b, float) for b in (a.min, a.max)):
+        return [TensorType(x.shape, "float")]  # torch promotes an int tensor clamped to a float bound
+    return [x]
 
 
 class CastAttrs(Attrs):
@@ -295,29 +322,51 @@ class EinsumAttrs(Attrs):
         return v.replace(" ", "")
 
 
-def _einsum_sizes(a: EinsumAttrs, ins) -> tuple[list[str], str, dict[str, Dim]]:
+def _einsum_sizes(a: EinsumAttrs, ins) -> tuple[list[str], str, dict[str, Dim], Shape]:
+    """The size of every letter, and the broadcast shape the operands' `...` stand for."""
     lhs, rhs = a.equation.split("->")
     terms = lhs.split(",")
     if len(terms) != len(ins):
         raise ShapeError(f"einsum '{a.equation}' names {len(terms)} operands, got {len(ins)}")
+    for term in terms + [rhs]:
+        if "." in term and (term.count("...") != 1 or term.count(".") != 3):
+            raise ShapeError(f"einsum term '{term}': '...' may appear once, as three dots")
     sizes: dict[str, Dim] = {}
+    ellipsis: Shape = ()
     for term, t in zip(terms, ins):
-        if len(term) != t.rank:
-            raise ShapeError(f"einsum term '{term}' has {len(term)} letters, operand is {show_shape(t.shape)}")
-        for letter, d in zip(term, t.shape):
+        before, _, after = term.partition("...")
+        if "..." in term:
+            n = t.rank - len(before) - len(after)
+            if n < 0:
+                raise ShapeError(f"einsum term '{term}' has {len(before) + len(after)} letters, operand is "
+                                 f"{show_shape(t.shape)}")
+            joined = broadcast(ellipsis, t.shape[len(before):len(before) + n])
+            if joined is None:
+                raise ShapeError(f"einsum: the dims '...' stands for do not broadcast: {show_shape(ellipsis)} "
+                                 f"and {show_shape(t.shape[len(before):len(before) + n])}")
+            ellipsis = joined
+            dims = t.shape[:len(before)] + t.shape[len(before) + n:]
+        else:
+            if len(term) != t.rank:
+                raise ShapeError(f"einsum term '{term}' has {len(term)} letters, operand is {show_shape(t.shape)}")
+            dims = t.shape
+        for letter, d in zip(before + after, dims):
             if letter in sizes and sizes[letter] != d and d != 1 and sizes[letter] != 1:
                 raise ShapeError(f"einsum letter '{letter}' is {sizes[letter]} in one operand and {d} in another")
             if letter not in sizes or sizes[letter] == 1:
                 sizes[letter] = d
-    for letter in rhs:
+    out_letters = rhs.replace("...", "")
+    for letter in out_letters:
         if letter not in sizes:
             raise ShapeError(f"einsum output letter '{letter}' is not in any operand")
-    return terms, rhs, sizes
+        if out_letters.count(letter) > 1:
+            raise ShapeError(f"einsum output letter '{letter}' appears twice")
+    return terms, rhs, sizes, ellipsis
 
 
 def _einsum_flops(a, ins, outs) -> Poly:
-    _, _, sizes = _einsum_sizes(a, ins)
-    total: Dim = 1
+    _, _, sizes, ellipsis = _einsum_sizes(a, ins)
+    total: Dim = numel(ellipsis)
     for d in sizes.values():
         total = dim_mul(total, d)
     return Poly.of(total) * 2
@@ -327,8 +376,11 @@ def _einsum_flops(a, ins, outs) -> Poly:
 def _einsum(a, ins):
     for t in ins:
         _float(t, "einsum")
-    _, rhs, sizes = _einsum_sizes(a, ins)
-    return [TensorType(tuple(sizes[c] for c in rhs))]
+    _, rhs, sizes, ellipsis = _einsum_sizes(a, ins)
+    before, dots, after = rhs.partition("...")
+    # Without '...' in the output, the dims it stands for are summed, as torch does.
+    middle = ellipsis if dots else ()
+    return [TensorType(tuple(sizes[c] for c in before) + middle + tuple(sizes[c] for c in after))]
 
 
 # ------------------------------------------------------- softmax and routing
@@ -469,6 +521,7 @@ class PoolAttrs(Attrs):
 def _pool(a: PoolAttrs, ins):
     (x,) = ins
     n = a.spatial
+    _float(x, f"{a.kind}_pool{n}d")  # torch pools floats only
     if x.rank < n + 1:
         raise ShapeError(f"{a.kind}_pool{n}d expects [*, {'L' if n == 1 else 'H, W'}, C], got {show_shape(x.shape)}")
     spatial = tuple(
@@ -580,7 +633,10 @@ def _join(a: JoinAttrs, ins):
             if t.shape != first.shape:
                 raise ShapeError(f"stack needs equal shapes, got {show_shape(first.shape)} and {show_shape(t.shape)}")
         axis = _axis(a.dim, first.rank + 1)
-        return [TensorType(first.shape[:axis] + (len(ins),) + first.shape[axis:], first.dtype)]
+        dtype = first.dtype
+        for t in ins[1:]:
+            dtype = promote(dtype, t.dtype)  # torch.stack promotes, as torch.cat does
+        return [TensorType(first.shape[:axis] + (len(ins),) + first.shape[axis:], dtype)]
     axis = _axis(a.dim, first.rank)
     total: Dim = 0
     for t in ins:
@@ -593,10 +649,10 @@ def _join(a: JoinAttrs, ins):
             total += d
         elif total == 0:
             total = d
-        elif d == total:
-            total = dim_mul(total, 2)
+        elif isinstance(total, Sym) and isinstance(d, Sym) and total.factors == d.factors:
+            total = Sym(d.factors, total.coeff + d.coeff)  # T + 2*T = 3*T
         else:
-            raise ShapeError(f"concat of symbolic dims {total} and {d} is not supported")
+            raise ShapeError(f"concat of dims {total} and {d} is not supported: the sum is not a single size")
     dtype = first.dtype
     for t in ins[1:]:
         dtype = promote(dtype, t.dtype)
@@ -712,6 +768,8 @@ class ReduceAttrs(Attrs):
 def _reduce(a: ReduceAttrs, ins):
     (x,) = ins
     axes = sorted({_axis(d, x.rank) for d in a.dims})
+    if len(axes) != len(a.dims):
+        raise ShapeError(f"{a.fn} names a dim twice: {list(a.dims)} of a tensor of rank {x.rank}")
     if a.fn in ("mean", "logsumexp"):
         _float(x, a.fn)
     shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if a.keepdim else tuple(
@@ -728,8 +786,9 @@ class CumulativeAttrs(Attrs):
 
 @op("cumulative", CumulativeAttrs, flops=lambda a, ins, outs: Poly.numel(ins[0].shape))
 def _cumulative(a, ins):
-    _axis(a.dim, ins[0].rank)
-    return [ins[0]]
+    (x,) = ins
+    _axis(a.dim, x.rank)
+    return [TensorType(x.shape, "int" if x.dtype == "bool" else x.dtype)]  # a running count of bools
 
 
 # ------------------------------------------------------------ attention

@@ -21,12 +21,12 @@ from gatedsl.errors import (
 )
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
-from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, ParamSpec
+from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, InitSpec, ParamSpec
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY, ScanAttrs
 from gatedsl.ir.types import Dim, Sym, TensorType, dim_div, dim_mul, show_shape
 from gatedsl.ir.values import Builtin, Tensor, describe
-from gatedsl.passes.reserved_names import safe_attribute_name
+from gatedsl.passes.reserved_names import safe_argument_name, safe_attribute_name
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
@@ -49,6 +49,7 @@ class Elaborator:
         self.program = program
         self.limits = limits
         self.budget = 0
+        self.param_total = 0  # learned elements declared so far
         self.stack: list[Frame] = []
         self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
         self.shapes: dict[str, TensorType] = {}
@@ -82,6 +83,13 @@ class Elaborator:
         taken.add(name)
         return name
 
+    def argument_name(self, name: str) -> str:
+        """The name an input takes in the current graph's generated forward(): the spec's, unless Python or
+        torch.fx reserves it (`def`, `self`, `torch`, `getattr` become `def_`, ...)."""
+        graph = self.frame.graph
+        taken = {graph.node(n)["attrs"].name for _, n in graph.inputs}
+        return safe_argument_name(name, taken)
+
     def module_path(self, role: str) -> str:
         """A fresh instance path for a primitive with learned tensors in the current statement."""
         stmt = self.frame.stmt
@@ -99,6 +107,7 @@ class Elaborator:
         """Validate attrs, infer output types, add the node (and its learned tensors) to the current graph."""
         opdef = REGISTRY[op]
         self.tick(span)
+        _check_constants(op, attrs.values(), span)
         try:
             validated = opdef.attrs(**attrs)
         except ValidationError as err:
@@ -127,6 +136,18 @@ class Elaborator:
         for d in shape:
             if not isinstance(d, int) or d <= 0:
                 raise SpecTypeError(f"learned tensor {path} needs positive static sizes, got {list(shape)}", span)
+        if init is not None:
+            _check_constants("init", [init], span)
+        # Counted as they are declared, so that a model far over the limit stops here, not after a long expansion.
+        numel = math.prod(shape)
+        self.param_total += numel
+        if self.param_total > self.limits.max_params:
+            raise LimitError(
+                f"the model has more than {self.limits.max_params:,} parameters (limit reached at {path}, "
+                f"{numel:,} elements {list(shape)})",
+                span,
+                help="reduce the sizes, or raise the limit (max_params= / --max-params)",
+            )
         block = self.frame.path.rstrip(".")
         self.frame.graph.params.append(ParamSpec(path, tuple(shape), init, span, block))
 
@@ -221,7 +242,13 @@ class Elaborator:
             self.shapes[path] = value.type
             node = self.frame.graph.node(value.port[0])
             if node["op"] not in ("input", "param"):
-                node["name"] = name  # generated code reads like the spec
+                if len(node["types"]) > 1:  # `y, h_T = scan ...`: a name per output, the node is `y_h_T`
+                    names = node.setdefault("out_names", {})
+                    names[value.port[1]] = name
+                    node["name"] = "_".join(names[i] for i in sorted(names)) + (
+                        "" if len(names) == len(node["types"]) else "_all")
+                else:
+                    node["name"] = name  # generated code reads like the spec
         self.frame.env[name] = value
 
     def gate(self, stmt: ast.GateStmt) -> None:
@@ -248,9 +275,13 @@ class Elaborator:
         if stmt.name in self.frame.env:
             raise NameResolutionError(f"'{stmt.name}' is already defined", stmt.span)
         ttype = self.eval_tensor_type(stmt.type, free_symbols=True)
-        (t,) = self.add("input", {"name": stmt.name, "type": ttype}, [], stmt.span, label=stmt.name)
+        (t,) = self.add("input", {"name": self.argument_name(stmt.name), "type": ttype}, [], stmt.span,
+                        label=stmt.name)
         self.frame.graph.inputs.append((stmt.name, t.port[0]))
         self.bind(stmt.name, t, stmt.span)
+        for d in ttype.shape:  # symbolic sizes become names in the body: zeros([B, 4])
+            if isinstance(d, Sym) and len(d.factors) == 1 and d.coeff == 1:
+                self.frame.env.setdefault(d.factors[0], d)
 
     def model_output(self, stmt: ast.OutputStmt) -> None:
         if any(name == stmt.name for name, _ in self.frame.graph.outputs):
@@ -539,7 +570,8 @@ class Elaborator:
                                                      "dtype": step_type.dtype}, [], expr.span, label=f"{p.name}0")
                     finally:
                         self.stack.append(frame)
-                (ph,) = self.add("input", {"name": p.name, "type": step_type}, [], p.span, label=p.name)
+                (ph,) = self.add("input", {"name": self.argument_name(p.name), "type": step_type}, [], p.span,
+                                 label=p.name)
                 body.inputs.append((p.name, ph.port[0]))
                 frame.env[p.name] = Tensor(ph.port, ph.type, p.span, p.name)
                 roles.append(role)
@@ -607,6 +639,21 @@ def _gate_kind(node: dict) -> str | None:
     if op == "param":
         return "learned"
     return None
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
+
+
+def _check_constants(op: str, values, span: Span) -> None:
+    """Static numbers that become tensor constants must fit a float32 (or int64) tensor: torch raises otherwise."""
+    for v in values:
+        if isinstance(v, InitSpec):
+            _check_constants(op, v.args, span)
+        elif isinstance(v, float) and abs(v) > FLOAT32_MAX:
+            raise LimitError(f"{op}: the constant {v:g} does not fit in a float32 tensor", span)
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
+            raise LimitError(f"{op}: the constant {v} does not fit in an int64 tensor", span)
 
 
 def _describe_operand(t: Tensor) -> str:
@@ -868,6 +915,14 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
                                 notes=[Note("declared here", p.span)])
     if vt.kind in ("int", "float") and vt.low is not None:
         low, high = el.eval(vt.low), el.eval(vt.high)
+        for bound, node in ((low, vt.low), (high, vt.high)):
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                raise SpecTypeError(f"the domain of '{p.name}' needs static numbers as bounds, got {describe(bound)}",
+                                    node.span)
+        if low > high:
+            raise SpecTypeError(f"the domain {_show(low)}..{_show(high)} of '{p.name}' is empty", vt.span)
+        if vt.log and low <= 0:
+            raise SpecTypeError(f"a log domain needs a positive lower bound, got {_show(low)}", vt.low.span)
         if not (low <= value <= high):
             raise SpecTypeError(f"'{p.name}' = {value} is outside its domain {_show(low)}..{_show(high)}", span,
                                 notes=[Note("declared here", p.span)])

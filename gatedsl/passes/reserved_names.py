@@ -7,6 +7,7 @@ Hard-coded so that `gatedsl.check` never imports torch; tests/test_fuzz.py asser
 
 from __future__ import annotations
 
+import builtins
 import keyword
 
 # Every public attribute of torch.nn.Module and torch.fx.GraphModule (classes and instances), torch 2.4 to 2.13,
@@ -24,6 +25,20 @@ MODULE_ATTRIBUTES = frozenset("""
 """.split())
 
 RESERVED = MODULE_ATTRIBUTES | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self"}
+
+
+# A model input or a cell parameter becomes an argument of the generated forward(): it must not be a keyword, `self`,
+# or a name the generated code reads as a global (Python builtins such as getattr, and what torch.fx imports).
+FX_GLOBALS = frozenset({"self", "torch", "inf", "nan", "NoneType", "device", "fx_pytree", "pytree"})
+ARGUMENT_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | FX_GLOBALS
+
+
+def safe_argument_name(name: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """`name` itself where it can be an argument of generated code, else `name_` (`torch` -> `torch_`), unique among
+    `taken`."""
+    while name in ARGUMENT_RESERVED or name in taken or not name.isidentifier():
+        name += "_"
+    return name
 
 
 def is_reserved(name: str) -> bool:
