@@ -689,3 +689,26 @@ def test_report_meta_and_shapes():
     assert rep.shapes["layers.0.ffn.g"] == ["B", "T", 12]
     assert [g.name for g in rep.gates] == ["layers.0.cell.z", "layers.0.cell.r", "layers.0.ffn.g",
                                            "layers.1.cell.z", "layers.1.cell.r", "layers.1.ffn.g"]
+
+
+def test_whole_module_pickles_and_deep_copies(tmp_path):
+    import copy
+
+    import gatedsl
+
+    gm = gatedsl.compile(
+        "cell C(x: [*, D], state h: [*, H]) {\n  gate z = sigmoid(linear(x, H) + linear(h, H))\n"
+        "  h = z * h + (1 - z) * tanh(linear(x, H))\n}\n"
+        "model M() {\n  input x: [B, T, 3]\n  output y = dropout(scan C(x, H=4) over T, 0.5)\n}\n"
+    ).eval()
+    x = torch.randn(2, 5, 3)
+    path = tmp_path / "whole.pt"
+    torch.save(gm, path)
+    loaded = torch.load(path, weights_only=False)
+    assert not loaded.training
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    assert list(loaded.state_dict()) == list(gm.state_dict())
+    twin = copy.deepcopy(gm)
+    torch.testing.assert_close(twin(x), gm(x), rtol=0, atol=0)
+    twin.get_parameter("C.z.x_proj.weight").data.add_(1.0)  # a deep copy shares no storage
+    assert not torch.equal(twin.get_parameter("C.z.x_proj.weight"), gm.get_parameter("C.z.x_proj.weight"))

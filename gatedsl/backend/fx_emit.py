@@ -17,9 +17,26 @@ from gatedsl.ir.types import Sym, TensorType
 
 
 def emit(unit: ModelIR) -> fx.GraphModule:
-    root = build_module_tree(unit.graph.all_params(), unit.graph.all_modules())
-    gm = _emit_graph(unit.graph, root, prefix="", top=True)
-    gm.meta["gatedsl"] = {"model": unit.model.name, "parameters": dict(unit.parameters)}
+    gm = emit_graph(unit.graph)
+    gm.meta["gatedsl"] = {"model": unit.model.name,
+                          "parameters": {k: getattr(v, "name", v) for k, v in unit.parameters.items()}}
+    return gm
+
+
+def emit_graph(graph: Graph) -> fx.GraphModule:
+    root = build_module_tree(graph.all_params(), graph.all_modules())
+    gm = _emit_graph(graph, root, prefix="", top=True)
+    # fx pickles a GraphModule by re-tracing its code, which cannot see through a scan's
+    # Python loop; pickle the IR and the weights instead and emit again on load.
+    type(gm).__reduce__ = lambda self: (_unpickle, (graph, self.state_dict(), self.training, self.meta))
+    return gm
+
+
+def _unpickle(graph: Graph, state: dict, training: bool, meta: dict) -> fx.GraphModule:
+    gm = emit_graph(graph)
+    gm.load_state_dict(state)
+    gm.train(training)
+    gm.meta.update(meta)
     return gm
 
 
