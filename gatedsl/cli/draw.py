@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pydot
 
+from gatedsl.fileio import atomic_write
 from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import ModelIR
 
@@ -63,11 +62,4 @@ def write_graph(unit: ModelIR, out: Path) -> None:
     """Write .dot text, or render .svg/.png with Graphviz; the file appears whole or not at all."""
     dot = to_dot(unit)
     data = dot.to_string().encode() if out.suffix == ".dot" else dot.create(format=out.suffix[1:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(out, lambda f: f.write(data))

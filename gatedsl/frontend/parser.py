@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from gatedsl.errors import ParseError, SourceCache, Span, SpecError
+from gatedsl.errors import LimitError, ParseError, SourceCache, Span, SpecError
 from gatedsl.frontend import ast
 from gatedsl.resources import grammar_path
 
@@ -63,11 +63,32 @@ def _tok_span(file: str, tok: Token) -> Span:
     return Span(file, tok.line, tok.column, tok.end_line, tok.end_column)
 
 
-def _number(text: str) -> int | float:
+MAX_INT_DIGITS = 100  # far beyond the 64-bit static ints elaboration accepts; Python refuses > 4300 digits
+MAX_NESTING = 200  # levels of the parse tree: deeper specs would exhaust the stack of the recursive passes
+
+
+def _number(text: str, span: Span) -> int | float:
     text = text.replace("_", "")
     if any(c in text for c in ".eE"):
-        return float(text)
+        return float(text)  # a float too large is infinity, which elaboration reports where it is used
+    if len(text) > MAX_INT_DIGITS:
+        raise LimitError(f"an integer literal of {len(text)} digits is too large", span,
+                         help="static integers have at most 64 bits")
     return int(text)
+
+
+def _check_nesting(tree: Tree, file: str) -> None:
+    """Reject a tree nested deeper than MAX_NESTING, iteratively, before anything recurses over it."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            meta = node.meta
+            span = Span(file, getattr(meta, "line", 1) or 1, getattr(meta, "column", 1) or 1,
+                        getattr(meta, "end_line", None), getattr(meta, "end_column", None))
+            raise LimitError(f"the spec nests more than {MAX_NESTING} levels deep here", span,
+                             help="split the expression into named steps (a long chain of operators nests too)")
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
 
 
 @v_args(meta=True)
@@ -229,12 +250,12 @@ class _ToAst(Transformer):
 
     def axis(self, meta, children):
         (tok,) = children
-        value = int(tok.replace("_", "")) if tok.type == "INT" else str(tok)
+        value = _number(tok, self._s(meta)) if tok.type == "INT" else str(tok)
         return ("axis", value, self._s(meta))
 
     def negative_axis(self, meta, children):
         (tok,) = children
-        return ("axis", -int(tok.replace("_", "")), self._s(meta))
+        return ("axis", -_number(tok, self._s(meta)), self._s(meta))
 
     def scan_flag(self, meta, children):
         return str(children[0])
@@ -298,10 +319,10 @@ class _ToAst(Transformer):
         return ast.Name(self._s(meta), str(children[0]))
 
     def int(self, meta, children):
-        return ast.Number(self._s(meta), _number(children[0]))
+        return ast.Number(self._s(meta), _number(children[0], self._s(meta)))
 
     def float(self, meta, children):
-        return ast.Number(self._s(meta), _number(children[0]))
+        return ast.Number(self._s(meta), _number(children[0], self._s(meta)))
 
     def string(self, meta, children):
         return ast.String(self._s(meta), children[0][1:-1])
@@ -353,6 +374,7 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
         tree = _parser().parse(text)
     except UnexpectedInput as err:
         raise _parse_error(err, file) from None
+    _check_nesting(tree, file)
     try:
         return _ToAst(file).transform(tree)
     except VisitError as err:  # a transformer method raised: report the original

@@ -15,6 +15,8 @@ _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
             ">": operator.gt, ">=": operator.ge}
 MAX_BITS = 64
+MAX_STR = 10_000  # characters in a static string: `s = s + s` in a repeat must not exhaust memory
+MAX_SYM_FACTORS = 16  # sizes in a symbolic product B*T*...
 
 
 def static_binop(op: str, left: Any, right: Any, span: Span) -> Any:
@@ -29,6 +31,8 @@ def static_binop(op: str, left: Any, right: Any, span: Span) -> Any:
             raise SpecTypeError(f"cannot compare {describe(left)} with {describe(right)}", span)
         return _COMPARE[op](left, right)
     if op == "+" and isinstance(left, str) and isinstance(right, str):
+        if len(left) + len(right) > MAX_STR:
+            raise LimitError(f"a static string longer than {MAX_STR:,} characters", span)
         return left + right
     if not numeric:
         raise SpecTypeError(f"cannot apply {op} to {describe(left)} and {describe(right)}", span)
@@ -65,7 +69,10 @@ def _symbolic(op: str, left: Any, right: Any, span: Span) -> Any:
     if op == "!=":
         return a != b
     if op == "*":
-        return dim_mul(a, b)
+        out = dim_mul(a, b)
+        if isinstance(out, Sym) and (len(out.factors) > MAX_SYM_FACTORS or out.coeff.bit_length() > MAX_BITS):
+            raise LimitError(f"the symbolic size {a} * {b} is too large", span)
+        return out
     if op in ("/", "//"):
         out = dim_div(a, b)
         if out is None:

@@ -30,6 +30,7 @@ from gatedsl.passes.reserved_names import safe_argument_name, safe_attribute_nam
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
+MAX_SYM_FACTORS = 16  # a symbolic size B*T*... with more factors is surely a runaway product
 
 
 @dataclass
@@ -124,6 +125,8 @@ class Elaborator:
             for d in t.shape:
                 if isinstance(d, int) and (d < 0 or d.bit_length() > 48):
                     raise LimitError(f"{op} gives a dimension of size {d}", span)
+                if isinstance(d, Sym) and (d.coeff <= 0 or d.coeff.bit_length() > 48 or len(d.factors) > MAX_SYM_FACTORS):
+                    raise LimitError(f"{op} gives a dimension of size {d}", span)
         graph = self.frame.graph
         name = (label or getattr(validated, "fn", None) or op).replace(".", "_")
         node = graph.add(op, validated, [t.port for t in inputs], out_types, span, name)
@@ -170,7 +173,11 @@ class Elaborator:
     # ------------------------------------------------------------ statements
     def run_body(self, body: list[ast.Stmt]) -> None:
         for stmt in body:
-            self.run_stmt(stmt)
+            try:
+                self.run_stmt(stmt)
+            except RecursionError:  # the innermost statement reports it; outer ones see a LimitError
+                raise LimitError("the spec nests too deeply to elaborate (blocks within blocks, or expressions)",
+                                 stmt.span, help="flatten the nesting: name intermediate values") from None
 
     def run_stmt(self, stmt: ast.Stmt) -> None:
         kind = self.frame.definition.kind
@@ -350,7 +357,8 @@ class Elaborator:
             return self.lookup(expr.id, expr.span)
         if isinstance(expr, ast.Number):
             if isinstance(expr.value, int) and expr.value.bit_length() > MAX_INT_BITS:
-                raise LimitError(f"the integer {expr.value} is too large", expr.span)
+                raise LimitError(f"the integer {_short(expr.value)} is too large", expr.span,
+                                 help=f"static integers have at most {MAX_INT_BITS} bits")
             if isinstance(expr.value, float) and not math.isfinite(expr.value):
                 raise LimitError("a number overflows to infinity", expr.span)
             return expr.value
@@ -610,6 +618,8 @@ class Elaborator:
 
     def as_dim(self, value: Any, span: Span) -> Dim:
         if isinstance(value, Sym):
+            if value.coeff <= 0:
+                raise SpecTypeError(f"a dimension must be positive, got {value}", span)
             return value
         size = self.as_int(value, span, "a dimension")
         if size <= 0:
@@ -654,6 +664,11 @@ def _check_constants(op: str, values, span: Span) -> None:
             raise LimitError(f"{op}: the constant {v:g} does not fit in a float32 tensor", span)
         elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
             raise LimitError(f"{op}: the constant {v} does not fit in an int64 tensor", span)
+
+
+def _short(n: int) -> str:
+    text = str(n)
+    return text if len(text) <= 30 else f"{text[:12]}…{text[-6:]} ({len(text)} digits)"
 
 
 def _describe_operand(t: Tensor) -> str:
@@ -938,6 +953,9 @@ def _same(a: Any, b: Any) -> bool:
 def elaborate(unit: ModelIR) -> ModelIR:
     """The pass: fill `unit.graph`, `unit.parameters` and `unit.shapes` from the model's AST."""
     el = Elaborator(unit.program, unit.limits)
-    unit.graph, unit.parameters = el.elaborate_model(unit.model, unit.overrides)
+    try:
+        unit.graph, unit.parameters = el.elaborate_model(unit.model, unit.overrides)
+    except RecursionError:  # outside any statement: a parameter default
+        raise LimitError("the spec nests too deeply to elaborate", unit.model.span) from None
     unit.shapes = el.shapes
     return unit
