@@ -11,7 +11,7 @@ from gatedsl.errors import SpecError, Span
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program, load_path, load_text
 from gatedsl.ir.model import Limits, ModelIR
-from gatedsl.ir.types import Sym, TensorType
+from gatedsl.ir.types import TensorType
 from gatedsl.passes import run_pipeline
 
 ShapeList = list[int | str]
@@ -143,4 +143,4 @@ def _eval_sym(text: str, dims: dict[str, int]) -> int:
     return value
 
 
-__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs", "Sym"]
+__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs"]

@@ -66,6 +66,9 @@ class SpecError(Exception):
         self.span = span or Span("<unknown>", 1, 1)
         self.notes: list[Note] = list(notes or [])
         self.help = help
+        # Quote the source as it is now: a later spec given as text may reuse the same name.
+        self._lines = {(sp.file, sp.line): SourceCache.line(sp.file, sp.line)
+                       for sp in [self.span] + [n.span for n in self.notes if n.span is not None]}
 
     @property
     def file(self) -> str:
@@ -82,14 +85,18 @@ class SpecError(Exception):
     def __str__(self) -> str:
         return f"{self.span}: error: {self.message}"
 
+    def _source(self, span: Span) -> str | None:
+        key = (span.file, span.line)
+        return self._lines[key] if key in self._lines else SourceCache.line(span.file, span.line)
+
     def render(self) -> str:
         """The full diagnostic: location, message, quoted source with a caret, notes and help."""
         out = [f"{self.span}: error: {self.message}"]
-        out += _quote(self.span)
+        out += _quote(self.span, self._source(self.span))
         for note in self.notes:
             if note.span is not None:
                 out.append(f"{note.span}: note: {note.message}")
-                out += _quote(note.span)
+                out += _quote(note.span, self._source(note.span))
             else:
                 out.append(f"note: {note.message}")
         if self.help:
@@ -97,8 +104,7 @@ class SpecError(Exception):
         return "\n".join(out)
 
 
-def _quote(span: Span) -> list[str]:
-    source = SourceCache.line(span.file, span.line)
+def _quote(span: Span, source: str | None) -> list[str]:
     if source is None:
         return []
     gutter = f"{span.line:>4} | "

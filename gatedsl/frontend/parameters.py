@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
-from gatedsl.errors import NameResolutionError, Note, SpecError, SpecTypeError
+from gatedsl.errors import LimitError, NameResolutionError, Note, SpecError, SpecTypeError
 from gatedsl.frontend import ast
 from gatedsl.ir.values import Builtin
 
@@ -30,7 +31,7 @@ def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: di
     bound: dict[str, Any] = {}
     for p in model.params:
         if p.name in overrides:
-            value = _from_user(el, p, overrides[p.name])
+            value = _static_value(_from_user(el, p, overrides[p.name]), p)
             span = p.span
         elif p.default is not None:
             value = el.eval(p.default)
@@ -40,6 +41,21 @@ def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: di
                             help=f"give it one, or pass -p {p.name}=VALUE")
         bound[p.name] = env[p.name] = check_value_param(el, p, value, span)
     return bound
+
+
+def _static_value(value: Any, p: ast.Param) -> Any:
+    """An override must be a value a spec could have written: a finite number, a bool, a string, a block, or a
+    list of those; anything else (None, a dict, a tensor, NaN) is rejected here rather than deep in elaboration."""
+    if isinstance(value, (list, tuple)):
+        return [_static_value(v, p) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecTypeError(f"parameter '{p.name}' must be finite, got {value}", p.span)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        raise LimitError(f"parameter '{p.name}' is too large ({value.bit_length()} bits)", p.span)
+    if not isinstance(value, (bool, int, float, str, ast.Definition, Builtin)):
+        raise SpecTypeError(f"parameter '{p.name}' cannot be set to {type(value).__name__} {value!r:.40}", p.span,
+                            help="pass a number, bool, string, block name, or a list of those")
+    return value
 
 
 def _from_user(el: "Elaborator", p: ast.Param, value: Any) -> Any:

@@ -217,7 +217,7 @@ def _weights_path(el, role: str) -> str:
     """
     stmt = el.frame.stmt
     graph = el.frame.graph
-    for p in graph.params:
+    for p in graph.params[el.frame.stmt_params:]:
         if p.path == stmt:
             p.path = el.module_path("learned")
             for n in graph.order():
@@ -423,6 +423,8 @@ def _tuple(value: tuple[int, ...], n: int, what: str, span: Span) -> tuple[int, 
         value = value * n
     if len(value) != n or any(v <= 0 for v in value):
         raise SpecTypeError(f"{what} must be {n} positive int(s), got {list(value)}", span)
+    if any(v > 2**31 - 1 for v in value):  # torch's pooling kernels take 32-bit windows and strides
+        raise SpecTypeError(f"{what} {list(value)} is too large", span)
     return value
 
 
@@ -719,8 +721,8 @@ def _learned(el, call, a):
         if not isinstance(d, int) or d <= 0:
             raise SpecTypeError(f"a learned tensor needs positive static sizes, got {list(shape)}", span)
     stmt = el.frame.stmt
-    taken = any(p.path == stmt or p.path.startswith(stmt + ".") for p in el.frame.graph.params) or any(
-        m.path.startswith(stmt + ".") for m in el.frame.graph.modules)
+    taken = any(p.path == stmt or p.path.startswith(stmt + ".") for p in el.frame.graph.params[el.frame.stmt_params:]) \
+        or any(m.path.startswith(stmt + ".") for m in el.frame.graph.modules[el.frame.stmt_modules:])
     # Named by its statement (`w`), unless the statement already holds weights: then `w.learned`.
     path = _weights_path(el, "learned") if taken else stmt
     init = a["init"][0]

@@ -35,9 +35,6 @@ class Attrs(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
 
 
-PositiveInt = int  # validated by Field(gt=0) where used
-
-
 @dataclass(frozen=True)
 class ParamDecl:
     role: str  # the leaf name: weight, bias, ...
@@ -860,6 +857,7 @@ class DropoutAttrs(Attrs):
 
 @op("dropout", DropoutAttrs)
 def _dropout(a, ins):
+    _float(ins[0], "dropout")  # torch's dropout scales by 1/(1-p): a float result
     return [ins[0]]
 
 

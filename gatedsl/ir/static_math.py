@@ -39,8 +39,10 @@ def static_binop(op: str, left: Any, right: Any, span: Span) -> Any:
     if op in ("/", "//", "%") and right == 0:
         raise SpecTypeError("division by zero", span)
     if op == "**":
+        # |left| ** right has more than (bit_length(|left|) - 1) * right bits: refuse before computing it. Below
+        # that bound the result has at most 2 * MAX_BITS bits, cheap to compute and checked like any other.
         if isinstance(left, int) and isinstance(right, int) and right > 0 \
-                and abs(left) > 1 and right * max(abs(left).bit_length(), 1) > MAX_BITS:
+                and abs(left) > 1 and right * (abs(left).bit_length() - 1) > MAX_BITS:
             raise LimitError(f"{left} ** {right} is too large", span)
         if isinstance(right, int) and right < 0 and left == 0:
             raise SpecTypeError("0 raised to a negative power", span)
@@ -51,7 +53,8 @@ def static_binop(op: str, left: Any, right: Any, span: Span) -> Any:
     if isinstance(result, complex):
         raise SpecTypeError(f"{left} ** {right} is not a real number", span)
     if isinstance(result, int) and result.bit_length() > MAX_BITS:
-        raise LimitError(f"the value {op} gives is too large", span)
+        raise LimitError(f"{left} {op} {right} is too large ({result.bit_length()} bits; static ints have at most "
+                         f"{MAX_BITS})", span)
     if isinstance(result, float) and not math.isfinite(result):
         raise LimitError(f"{op} on {left} and {right} overflows", span)
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keyword
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,10 @@ class Frame:
     env: dict[str, Any]
     returns: list[Any] | None = None
     stmt: str = ""  # the statement path being elaborated, e.g. "layers.1.cell.z"
+    # Where the statement's own learned tensors and modules start in graph.params / graph.modules: only those
+    # can sit under its path, so looking for them never scans the whole model (which would be quadratic).
+    stmt_params: int = 0
+    stmt_modules: int = 0
 
 
 class Elaborator:
@@ -51,6 +54,7 @@ class Elaborator:
         self.limits = limits
         self.budget = 0
         self.param_total = 0  # learned elements declared so far
+        self.largest_params: list[ParamSpec] = []  # the three largest, for the over-the-limit diagnostic
         self.stack: list[Frame] = []
         self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
         self.shapes: dict[str, TensorType] = {}
@@ -144,15 +148,19 @@ class Elaborator:
         # Counted as they are declared, so that a model far over the limit stops here, not after a long expansion.
         numel = math.prod(shape)
         self.param_total += numel
+        block = self.frame.path.rstrip(".")
+        spec = ParamSpec(path, tuple(shape), init, span, block)
+        self.largest_params = sorted(self.largest_params + [spec], key=lambda q: -q.numel)[:3]
         if self.param_total > self.limits.max_params:
             raise LimitError(
                 f"the model has more than {self.limits.max_params:,} parameters (limit reached at {path}, "
                 f"{numel:,} elements {list(shape)})",
                 span,
+                notes=[Note(f"{q.path} has {q.numel:,} elements {list(q.shape)}", q.span)
+                       for q in self.largest_params],
                 help="reduce the sizes, or raise the limit (max_params= / --max-params)",
             )
-        block = self.frame.path.rstrip(".")
-        self.frame.graph.params.append(ParamSpec(path, tuple(shape), init, span, block))
+        self.frame.graph.params.append(spec)
 
     # --------------------------------------------------------------- the model
     def elaborate_model(self, model: ast.Definition, overrides: dict[str, Any]) -> tuple[Graph, dict[str, Any]]:
@@ -199,7 +207,7 @@ class Elaborator:
                 raise SpecError("a model names its results with `output NAME = ...`, not `return`", stmt.span)
             if self.frame.returns is not None:
                 raise SpecError("a second `return` in the same definition", stmt.span)
-            self.frame.stmt = self.frame.path + self.unique(self.frame.path, "out")
+            self.set_stmt("out")
             self.frame.returns = [self.eval(v) for v in stmt.values]
         elif isinstance(stmt, ast.Repeat):
             self.repeat(stmt)
@@ -220,7 +228,10 @@ class Elaborator:
         return [Note(", ".join(shown))] if shown else []
 
     def set_stmt(self, target: str) -> None:
-        self.frame.stmt = self.frame.path + self.unique(self.frame.path, target)
+        frame = self.frame
+        frame.stmt = frame.path + self.unique(frame.path, target)
+        frame.stmt_params = len(frame.graph.params)
+        frame.stmt_modules = len(frame.graph.modules)
 
     def assign(self, targets: list[str], expr: ast.Expr, span: Span) -> None:
         self.set_stmt(targets[0])
@@ -468,7 +479,11 @@ class Elaborator:
     def call(self, expr: ast.Call) -> Any:
         callee = self.eval(expr.func)
         if isinstance(callee, Builtin):
-            return self.builtins[callee.name](self, expr)
+            value = self.builtins[callee.name](self, expr)
+            if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+                raise LimitError(f"{callee.name} gives {_short(value)}, which is too large", expr.span,
+                                 help=f"static integers have at most {MAX_INT_BITS} bits")
+            return value
         if isinstance(callee, ast.Definition):
             if callee.kind == "model":
                 raise SpecTypeError(f"model {callee.name} cannot be called; use a block", expr.span)
@@ -912,7 +927,12 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
     elif vt.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecTypeError(f"'{p.name}' must be a float, got {describe(value)}", span)
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise LimitError(f"'{p.name}' = {_short(value)} is too large for a float", span) from None
+        if not math.isfinite(value):
+            raise SpecTypeError(f"'{p.name}' must be a finite float, got {value}", span)
     elif vt.kind == "bool":
         if not isinstance(value, bool):
             raise SpecTypeError(f"'{p.name}' must be true or false, got {describe(value)}", span)
@@ -920,7 +940,8 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
         if not isinstance(value, str):
             raise SpecTypeError(f"'{p.name}' must be a string, got {describe(value)}", span)
     elif vt.kind == "block":
-        if not isinstance(value, (ast.Definition, Builtin)):
+        if not isinstance(value, (ast.Definition, Builtin)) or (isinstance(value, ast.Definition)
+                                                                 and value.kind == "model"):
             raise SpecTypeError(f"'{p.name}' must be a block, got {describe(value)}", span)
     elif vt.kind == "choice":
         choices = [el.eval(c) for c in vt.choices]
@@ -939,7 +960,8 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
         if vt.log and low <= 0:
             raise SpecTypeError(f"a log domain needs a positive lower bound, got {_show(low)}", vt.low.span)
         if not (low <= value <= high):
-            raise SpecTypeError(f"'{p.name}' = {value} is outside its domain {_show(low)}..{_show(high)}", span,
+            shown = _short(value) if isinstance(value, int) else _show(value)
+            raise SpecTypeError(f"'{p.name}' = {shown} is outside its domain {_show(low)}..{_show(high)}", span,
                                 notes=[Note("declared here", p.span)])
     return value
 

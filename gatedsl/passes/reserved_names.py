@@ -1,8 +1,9 @@
-"""Names a spec may use but an instance path segment may not: they would clash with torch.nn.Module / fx.GraphModule
-attributes (`training`, `forward`, `state_dict`, ...) or be Python keywords in fx's generated code.
+"""Names a spec may use but generated code may not: an instance path segment (a weight's module) must not clash with
+torch.nn.Module / fx.GraphModule attributes (`training`, `forward`, `state_dict`, `_modules`, ...) or be a Python
+keyword, and an input (an argument of the generated forward) must not shadow what that code reads (`self`, `torch`).
 
-Hard-coded so that `gatedsl.check` never imports torch; tests/test_fuzz.py asserts the set covers
-`dir(torch.nn.Module)` and `dir(torch.fx.GraphModule)` of the installed torch.
+Hard-coded so that `gatedsl.check` never imports torch; tests/test_fuzz.py asserts the sets cover
+`dir(torch.nn.Module)`, `dir(torch.fx.GraphModule)` and torch.fx's reserved names for the installed torch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ ARGUMENT_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | FX_GL
 def safe_argument_name(name: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
     """`name` itself where it can be an argument of generated code, else `name_` (`torch` -> `torch_`), unique among
     `taken`."""
-    while name in ARGUMENT_RESERVED or name in taken or not name.isidentifier():
+    if not name.isidentifier():
+        name = "v_" + "".join(c if c.isalnum() else "_" for c in name)
+    while name in ARGUMENT_RESERVED or name in taken:
         name += "_"
     return name
 
