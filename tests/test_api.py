@@ -114,3 +114,21 @@ def test_symbolic_input_sizes_are_names_in_the_body():
     assert gatedsl.check(src).outputs == {"y": ["B", "T", 6]}
     y = gatedsl.compile(src)(torch.randn(3, 5, 4))
     assert y.shape == (3, 5, 6) and torch.all(y[..., 4:] == 0)
+
+
+def test_gates_must_be_float_and_kinds_are_inferred_or_named():
+    base = "model M() {\n  input x: [B, 4]\n  %s\n  output y = g * x\n}\n"
+    kinds = {
+        "gate g = sigmoid(linear(x, 4))": "sigmoid",
+        "gate g = softmax(linear(x, 4))": "softmax",
+        "gate g = topk_softmax(linear(x, 4), 2)": "topk",
+        "gate g = binary(sigmoid(linear(x, 4)))": "binary",
+        "gate g = learned([4], init=zeros)": "learned",
+        "gate softmax g = softmax(linear(x, 4) / 2)": "softmax",
+    }
+    for stmt, kind in kinds.items():
+        assert [g.kind for g in gatedsl.check(base % stmt).gates] == [kind], stmt
+    with pytest.raises(gatedsl.SpecError, match="cannot tell what kind of gate"):
+        gatedsl.check(base % "gate g = linear(x, 4) * 2")
+    with pytest.raises(gatedsl.SpecError, match="must be a float tensor"):
+        gatedsl.check(base % "gate binary g = x > 0")

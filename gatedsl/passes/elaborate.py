@@ -274,6 +274,9 @@ class Elaborator:
         value = self.eval(stmt.value)
         if not isinstance(value, Tensor):
             raise SpecTypeError(f"a gate must be a tensor, got {describe(value)}", stmt.value.span)
+        if value.type.dtype != "float":
+            raise SpecTypeError(f"a gate multiplies, so it must be a float tensor, got {value.type}",
+                                stmt.value.span, help="wrap it in to_float(...), or use binary(...) for a 0/1 gate")
         node = self.frame.graph.node(value.port[0])
         kind = stmt.kind or _gate_kind(node)
         if kind is None:

@@ -1,8 +1,8 @@
-"""Verify graph: every node's attributes match its op's schema and its recorded types re-derive from its inputs."""
+"""Verify graph: every node's attributes match its op's schema, its recorded types re-derive from its inputs, and every gate mark is well-formed."""
 
 from __future__ import annotations
 
-from gatedsl.ir.graph import Graph
+from gatedsl.ir.graph import GATE_KINDS, Graph
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import REGISTRY
 
@@ -30,6 +30,9 @@ def _verify(graph: Graph) -> None:
         ins = [graph.type_of(p) for p in data["inputs"]]
         if opdef.infer(data["attrs"], ins) != data["types"]:
             raise GraphInvariantError(f"node {n} ({data['op']}): recorded types do not re-derive")
+        gate = data["gate"]
+        if gate is not None and (gate.kind not in GATE_KINDS or data["types"][0].dtype != "float"):
+            raise GraphInvariantError(f"node {n} carries a malformed gate mark {gate}")
         body = getattr(data["attrs"], "body", None)
         if isinstance(body, Graph):
             _verify(body)
