@@ -39,6 +39,7 @@ class Report(BaseModel):
     flops_expr: str  # the same as a polynomial in the symbolic sizes
     gates: list[GateInfo]
     shapes: dict[str, ShapeList]  # every named value, by instance path
+    aux: dict[str, ShapeList] = {}  # `aux NAME = ...` values by instance path, as gatedsl.aux_outputs(model) gives them
 
 
 def _shape(t: TensorType) -> ShapeList:
@@ -96,6 +97,7 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
         flops_expr=str(unit.flops),
         gates=[GateInfo(**m.model_dump()) for m in g.gates()],
         shapes={k: _shape(t) for k, t in unit.shapes.items()},
+        aux={name: _shape(g.type_of(port)) for name, port in g.aux},
     )
 
 
@@ -114,6 +116,17 @@ def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: st
     gm = emit(unit)
     gm.meta["gatedsl_report"] = report(unit)
     return gm
+
+
+def aux_outputs(model) -> dict[str, Any]:
+    """The `aux NAME = ...` values of the model's latest call, {instance path: tensor}, in spec order.
+
+    Each call replaces them; they keep their autograd history (add them to the loss). Works on a
+    compiled module, on torch.compile(module), and on a model exported with `-o` (also `model.aux`).
+    """
+    from gatedsl.backend.runtime import aux_values
+
+    return aux_values(model)
 
 
 def example_inputs(rep: Report, dims: dict[str, int] | None = None, *, seed: int = 0, dtype=None,
@@ -143,4 +156,4 @@ def _eval_sym(text: str, dims: dict[str, int]) -> int:
     return value
 
 
-__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs"]
+__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs", "aux_outputs"]

@@ -268,6 +268,7 @@ UNARY = {
     "square": (randn, lambda x: x * x),
     "reciprocal": (positive, lambda x: 1 / x),
     "sign": (randn, lambda x: (x > 0).to(x.dtype) - (x < 0).to(x.dtype) + 0 * x),  # zero gradient
+    "erf": (randn, lambda x: torch.sign(x) * torch.special.gammainc(torch.full_like(x, 0.5), x * x)),
 }
 
 
@@ -1266,6 +1267,7 @@ def test_every_builtin_is_exercised():
         "chunk", "concat", "stack", "split_heads", "merge_heads", "gather", "flip", "size", "sum", "mean", "max",
         "min", "prod", "logsumexp", "cumsum", "cumprod", "attention", "embedding", "one_hot", "dropout",
         "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
+        "noise_like",  # tested in tests/test_aux.py
         # static helpers, tested below
         "int", "round", "ceil", "floor", "round_up",
     }

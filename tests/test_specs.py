@@ -88,6 +88,22 @@ def test_every_spec_is_found():
 # Wrappers for std definitions that need more than one tensor (or a parameter with no default).
 STD_WRAPPERS = {
     "gated_attention": "gated_attention(x, heads=2)",
+    # Cells of gated linear recurrences take several per-step tensors: feed them from x.
+    "GLAStep": "scan GLAStep(x, x, x, sigmoid(x)) over T",
+    "ScalarDecayStep": "scan ScalarDecayStep(x, x, x, sigmoid(x[..., :1])) over T",
+    "GatedDeltaStep": "scan GatedDeltaStep(x, x, x, sigmoid(x[..., :1]), sigmoid(x[..., :1])) over T",
+    "HGRNStep": "scan HGRNStep(x, sigmoid(x)) over T",
+    "SelectiveScanStep": "scan SelectiveScanStep(sigmoid(unsqueeze(x, -1) * unsqueeze(x, -2)), "
+                         "unsqueeze(x, -1) * unsqueeze(x, -2), x) over T",
+    "HGRN": "HGRN(x, sigmoid(x[0, 0]))",
+    "gnConv": "gnConv(x, order=2)",
+    "GatedLongConv": "GatedLongConv(x, kernel=3)",
+    "FusionGate": "FusionGate(x, x)",
+    # std.moe: Switch routes the flattened tokens [N, D]; MMoE returns one output per task.
+    "SwitchMoE": "reshape(SwitchMoE(flatten(x, 0, 1)), [B, T, 6])",
+    "MMoE": "concat(MMoE(x), -1)",
+    "cv_squared": "x * cv_squared(x[0, 0])",
+    "ClassifierHead": "ClassifierHead(x, 3)",
 }
 
 

@@ -78,7 +78,12 @@ def render(gm: fx.GraphModule, source: str, weights_name: str) -> str:
     for path, m in gm.named_modules():
         if isinstance(m, nn.Dropout):
             install.append(f"_install(self, {path!r}, nn.Dropout({m.p!r}))")
+        elif isinstance(m, runtime.Noise):
+            install.append(f"_install(self, {path!r}, Noise())")
+        elif isinstance(m, runtime.AuxRecorder):
+            install.append(f"_install(self, {path!r}, AuxRecorder({m.names!r}))")
     parts.append(_class(_py_name(model), gm, install))
+    parts.append(f"\n\n{_py_name(model)}.aux = property(aux_values)  # `aux` values of the latest call, by path\n")
     parts.append(f'''
 
 def load(weights=WEIGHTS, map_location="cpu"):

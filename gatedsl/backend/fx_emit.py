@@ -13,6 +13,7 @@ from torch import nn
 from gatedsl.backend import runtime
 from gatedsl.ir.graph import Graph, InitSpec, ModuleSpec, ParamSpec
 from gatedsl.ir.model import ModelIR
+from gatedsl.ir.ops import cascade_stages
 from gatedsl.ir.types import Sym, TensorType
 
 
@@ -34,10 +35,16 @@ def emit_graph(graph: Graph) -> fx.GraphModule:
 
 def _unpickle(graph: Graph, state: dict, training: bool, meta: dict) -> fx.GraphModule:
     gm = emit_graph(graph)
-    gm.load_state_dict(state)
+    gm.load_state_dict(state, assign=True)  # the saved dtypes and devices: a .double() model stays double
     gm.train(training)
     gm.meta.update(meta)
     return gm
+
+
+class CompiledModule(fx.GraphModule):
+    """A compiled model: a GraphModule whose `aux` holds the `aux NAME = ...` values of its latest call."""
+
+    aux = property(runtime.aux_values)
 
 
 # ---------------------------------------------------------------- modules
@@ -51,7 +58,7 @@ def build_module_tree(params: list[ParamSpec], modules: list[ModuleSpec]) -> nn.
         parent.register_parameter(leaf, nn.Parameter(tensor))
     for m in modules:
         parent, leaf = _parent(root, m.path)
-        parent.add_module(leaf, nn.Dropout(m.args["p"]))
+        parent.add_module(leaf, runtime.Noise() if m.kind == "noise" else nn.Dropout(m.args["p"]))
     return root
 
 
@@ -186,6 +193,9 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
         for i, (node, ttype) in enumerate(zip(outs, data["types"])):
             em.values[(n, i)] = node
             em.record(node, ttype)
+    if top and graph.aux:  # every call hands its aux values to a recorder on the module (gatedsl.aux_outputs)
+        root.add_module("_aux", runtime.AuxRecorder([name for name, _ in graph.aux]))
+        em.fx.call_module("_aux", tuple(em.values[port] for _, port in graph.aux))
     results = [em.values[port] for _, port in graph.outputs]
     if top:
         em.fx.output(results[0] if len(results) == 1 else tuple(results))
@@ -193,7 +203,7 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
         em.fx.output(tuple(results))
     em.fx.lint()
     owner = root if not prefix else _module_at(root, prefix.rstrip("."))
-    return fx.GraphModule(owner, em.fx, class_name=graph.name)
+    return (CompiledModule if top else fx.GraphModule)(owner, em.fx, class_name=graph.name)
 
 
 # ------------------------------------------------------------- lowerings
@@ -234,7 +244,7 @@ _UNARY = {
     "softplus": F.softplus, "logsigmoid": F.logsigmoid, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
     "rsqrt": torch.rsqrt, "abs": torch.abs, "neg": operator.neg, "sin": torch.sin, "cos": torch.cos,
     "elu": F.elu, "square": torch.square, "reciprocal": torch.reciprocal, "sign": torch.sign,
-    "not": torch.logical_not,
+    "not": torch.logical_not, "erf": torch.erf,
 }
 
 
@@ -465,6 +475,11 @@ def _dropout(em, data, args):
     return em.fx.call_module(em.rel(data["attrs"].module), (args[0],))
 
 
+@lowering("noise")
+def _noise(em, data, args):
+    return em.fx.call_module(em.rel(data["attrs"].module), (args[0],))
+
+
 @lowering("scan")
 def _scan(em, data, args):
     a = data["attrs"]
@@ -472,3 +487,15 @@ def _scan(em, data, args):
     _set_submodule(em.root, a.path, body)
     cell = em.fx.get_attr(em.rel(a.path))
     return em.call(runtime.scan, (cell, tuple(args), a.roles, a.axes, a.reverse, a.last), name=data["name"])
+
+
+@lowering("cascade")
+def _cascade(em, data, args):
+    # Each stage becomes its own sub-module; runtime.early_exit runs them (on every sample in
+    # training, on the samples still in at eval) and selects each sample's exit.
+    a = data["attrs"]
+    stages = []
+    for stage in cascade_stages(a):
+        _set_submodule(em.root, stage.path, _emit_graph(stage.body, em.root, prefix=stage.path + ".", top=False))
+        stages.append(em.fx.get_attr(em.rel(stage.path)))
+    return em.call(runtime.early_exit, (tuple(stages), tuple(args), a.roles, a.thresholds), name=data["name"])

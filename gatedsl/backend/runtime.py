@@ -21,6 +21,9 @@ def scan(cell, args, roles, axes, reverse, last):
     if length == 0:
         raise ValueError("scan over an empty axis")
     steps = range(length - 1, -1, -1) if reverse else range(length)
+    # Slice each sequence once: unbind's backward is one stack, where a select per step would
+    # build a full-size zero gradient per step (quadratic in the length).
+    slices = [s.unbind(axis) for s, axis in zip(seqs, axes)]
     outs = []
     out = None
     for t in steps:
@@ -29,7 +32,7 @@ def scan(cell, args, roles, axes, reverse, last):
         step_args = []
         for arg, role in zip(args, roles):
             if role == "seq":
-                step_args.append(arg.select(axes[seq_i], t))
+                step_args.append(slices[seq_i][t])
                 seq_i += 1
             elif role == "const":
                 step_args.append(arg)
@@ -44,6 +47,74 @@ def scan(cell, args, roles, axes, reverse, last):
     if reverse:
         outs.reverse()
     return (torch.stack(outs, dim=min(axes[0], out.dim())), *states)
+
+
+def early_exit(stages, args, roles, thresholds):
+    """Early exit over a stack of stages, per sample (a row of the first dim).
+
+    stages[l](*values) gives (head y_l, gate g_l, *carried values); `args` are the values the
+    stages read, each with a role: "carry" (replaced by each stage's), "rows" (per sample, read
+    only) or "whole" (shared). A sample exits at the first l with g_l > thresholds[l], else at
+    the last stage. Training runs every stage on every sample; eval runs stage l only on the
+    samples still in, and leaves NaN in ys and gs where a stage did not run.
+    Returns (y, exit_at, ys [L, B, ...], gs [L, B], *each carried value at the sample's exit).
+    """
+    if stages[0].training:
+        return _early_exit_everywhere(stages, args, roles, thresholds)
+    return _early_exit_skipping(stages, args, roles, thresholds)
+
+
+def _early_exit_everywhere(stages, args, roles, thresholds):
+    values = list(args)
+    heads, gates, carried = [], [], []
+    for stage in stages:
+        head, gate, *new = stage(*values)
+        heads.append(head)
+        gates.append(gate.reshape(gate.shape[0]))
+        carried.append(new)
+        fresh = iter(new)
+        values = [next(fresh) if role == "carry" else v for v, role in zip(values, roles)]
+    ys, gs = torch.stack(heads), torch.stack(gates)
+    last = len(stages) - 1
+    exit_at = torch.full(gs.shape[1:], last, dtype=torch.long, device=gs.device)
+    for l in range(last - 1, -1, -1):  # backwards, so the first stage that fires wins
+        exit_at = torch.where(gs[l] > thresholds[l], l, exit_at)
+    rows = torch.arange(gs.shape[1], device=gs.device)
+    at_exit = [torch.stack(per_stage)[exit_at, rows] for per_stage in zip(*carried)]
+    return (ys[exit_at, rows], exit_at, ys, gs, *at_exit)
+
+
+def _early_exit_skipping(stages, args, roles, thresholds):
+    per_sample = next(a for a, role in zip(args, roles) if role != "whole")
+    n = per_sample.shape[0]
+    last = len(stages) - 1
+    active = torch.arange(n, device=per_sample.device)  # the samples still in, by their row in the batch
+    values = list(args)
+    for l, stage in enumerate(stages):
+        head, gate, *new = stage(*values)
+        gate = gate.reshape(gate.shape[0])
+        if l == 0:
+            y = head.new_empty((n, *head.shape[1:]))
+            exit_at = torch.full((n,), last, dtype=torch.long, device=head.device)
+            ys = head.new_full((len(stages), n, *head.shape[1:]), math.nan)
+            gs = gate.new_full((len(stages), n), math.nan)
+            at_exit = [c.new_empty((n, *c.shape[1:])) for c in new]
+        ys[l, active] = head
+        gs[l, active] = gate
+        leave = gate > thresholds[l] if l < last else torch.ones_like(gate, dtype=torch.bool)
+        gone = active[leave]
+        y[gone] = head[leave]
+        exit_at[gone] = l
+        for buffer, c in zip(at_exit, new):
+            buffer[gone] = c[leave]
+        stay = ~leave
+        active = active[stay]
+        if active.numel() == 0:
+            break
+        fresh = iter([c[stay] for c in new])
+        values = [next(fresh) if role == "carry" else a.index_select(0, active) if role == "rows" else a
+                  for a, role in zip(args, roles)]
+    return (y, exit_at, ys, gs, *at_exit)
 
 
 def fill(sizes, value, like, kind):
@@ -162,3 +233,41 @@ def fan_in_uniform_(tensor, fan_in):
     bound = 1 / math.sqrt(fan_in)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+class Noise(torch.nn.Module):
+    """`noise_like(x)`: standard normal noise of x's shape, dtype and device in training, zeros in eval."""
+
+    def forward(self, x):
+        return torch.randn_like(x) if self.training else torch.zeros_like(x)
+
+
+class AuxRecorder(torch.nn.Module):
+    """Holds the `aux NAME = ...` values of the model's latest call, by instance path, in `values`.
+
+    Each call of the model replaces `values`; the tensors keep their autograd history, so a loss
+    built from them backpropagates. They are not state: neither the state dict nor a pickled or
+    copied model carries them.
+    """
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = tuple(names)
+        self.values = {}
+
+    def forward(self, *values):
+        self.values = dict(zip(self.names, values))
+
+    def extra_repr(self):
+        return ", ".join(self.names)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["values"] = {}
+        return state
+
+
+def aux_values(model):
+    """The aux values of `model`'s latest call, {instance path: tensor}; {} before the first call or without aux."""
+    recorder = getattr(model, "_orig_mod", model)._modules.get("_aux")  # through torch.compile's wrapper too
+    return dict(recorder.values) if recorder is not None else {}

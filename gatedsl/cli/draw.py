@@ -50,7 +50,8 @@ def _add(container, graph: Graph, prefix: str) -> None:
         container.add_node(pydot.Node(node_id, **attrs))
         body = getattr(data["attrs"], "body", None)
         if isinstance(body, Graph):
-            cluster = pydot.Cluster(f"{prefix}{n}_body", label=f"scan {data['attrs'].cell} ({data['attrs'].path})",
+            what = f"scan {data['attrs'].cell}" if data["op"] == "scan" else data["op"]  # or a cascade and its stages
+            cluster = pydot.Cluster(f"{prefix}{n}_body", label=f"{what} ({data['attrs'].path})",
                                     style="dashed", fontname="Helvetica")
             _add(cluster, body, f"{prefix}{n}_")
             container.add_subgraph(cluster)

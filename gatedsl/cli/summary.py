@@ -48,3 +48,11 @@ def print_summary(rep: Report, console: Console | None = None) -> None:
         where = str(g.line) if g.file == rep.file else f"{Path(g.file).name}:{g.line}"
         gates.add_row(g.name, g.kind, where)
     console.print(gates)
+
+    if rep.aux:  # `aux NAME = ...`: recorded at each call, read with model.aux
+        aux = Table(title=f"aux values ({len(rep.aux)})", title_justify="left", show_edge=False)
+        aux.add_column("aux")
+        aux.add_column("shape")
+        for name, shape in rep.aux.items():
+            aux.add_row(name, _shape(shape))
+        console.print(aux)

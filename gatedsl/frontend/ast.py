@@ -98,6 +98,16 @@ class Scan(Expr):
     last: bool
 
 
+@dataclass
+class Cascade(Expr):
+    """`cascade [index in] count [as scope] { body }`: early-exit stages, only on the right of an assignment."""
+
+    index: str | None
+    count: Expr
+    scope: str | None
+    body: list[Stmt]
+
+
 # ------------------------------------------------------------------------ types
 @dataclass
 class StarDim(Node):
@@ -184,6 +194,23 @@ class If(Stmt):
 class Require(Stmt):
     cond: Expr
     message: str | None
+
+
+@dataclass
+class AuxStmt(Stmt):
+    """`aux NAME = expr`: an auxiliary output (a loss), recorded under its instance path."""
+
+    name: str
+    value: Expr
+
+
+@dataclass
+class ExitStmt(Stmt):
+    """`exit HEAD when GATE > THRESHOLD`, the end of a cascade stage."""
+
+    head: Expr
+    gate: Expr
+    threshold: Expr
 
 
 # ------------------------------------------------------------------ definitions

@@ -221,6 +221,18 @@ class _ToAst(Transformer):
         cond, message = children
         return ast.Require(self._s(meta), cond, message.value[1:-1] if message else None)
 
+    def aux_stmt(self, meta, children):
+        name, value = children
+        return ast.AuxStmt(self._s(meta), str(name), value)
+
+    def exit_stmt(self, meta, children):
+        head, gate, threshold = children
+        return ast.ExitStmt(self._s(meta), head, gate, threshold)
+
+    def cascade(self, meta, children):
+        index, count, scope, body = children
+        return ast.Cascade(self._s(meta), str(index) if index else None, count, str(scope) if scope else None, body)
+
     # --- expressions
     def scan_expr(self, meta, children):
         cell, *rest = children

@@ -266,7 +266,7 @@ def _einsum(el, call, a):
 # ------------------------------------------------------------ element-wise
 def _unary(fn: str):
     static = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "abs": abs, "tanh": math.tanh,
-              "sin": math.sin, "cos": math.cos}
+              "sin": math.sin, "cos": math.cos, "erf": math.erf}
 
     def run(el, call, a):
         x, span = a["x"]
@@ -711,6 +711,16 @@ def _dropout(el, call, a):
     path = _weights_path(el, "dropout")
     el.frame.graph.modules.append(ModuleSpec(path, "dropout", {"p": p}))
     return el.add("dropout", {"p": p, "module": path}, [a["x"][0]], call.span)[0]
+
+
+@builtin("noise_like", Arg("x", "tensor"))
+def _noise_like(el, call, a):
+    """Standard normal noise of x's shape, dtype and device in training, zeros in eval (a module, like dropout)."""
+    from gatedsl.ir.graph import ModuleSpec
+
+    path = _weights_path(el, "noise")
+    el.frame.graph.modules.append(ModuleSpec(path, "noise", {}))
+    return el.add("noise", {"module": path}, [a["x"][0]], call.span)[0]
 
 
 @builtin("learned", Arg("shape", "dims"), Arg("init", "init?", None))

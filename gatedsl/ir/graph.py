@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from gatedsl.errors import Span
 from gatedsl.ir.types import TensorType
 
-GATE_KINDS = ("sigmoid", "softmax", "topk", "binary", "learned", "silu", "gelu", "relu", "tanh")
+GATE_KINDS = ("sigmoid", "softmax", "topk", "binary", "learned", "silu", "gelu", "relu", "tanh", "linear")
 
 
 class GateMark(BaseModel):
@@ -57,7 +57,7 @@ class ParamSpec:
 
 @dataclass
 class ModuleSpec:
-    """A parameter-free torch module the graph calls (dropout), so train/eval switches it."""
+    """A parameter-free torch module the graph calls (dropout, noise), so train/eval switches it."""
 
     path: str
     kind: str
@@ -77,6 +77,7 @@ class Graph:
     outputs: list[tuple[str, Port]] = field(default_factory=list)
     params: list[ParamSpec] = field(default_factory=list)
     modules: list[ModuleSpec] = field(default_factory=list)
+    aux: list[tuple[str, Port]] = field(default_factory=list)  # `aux NAME = ...`: (instance path, value)
     _next: int = 0
 
     def add(

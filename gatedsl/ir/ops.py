@@ -120,7 +120,7 @@ def _fill(a: FillAttrs, ins):
 # ------------------------------------------------------------ element-wise
 UNARY_FNS = (
     "sigmoid", "tanh", "relu", "gelu", "silu", "softplus", "logsigmoid", "exp", "log", "sqrt",
-    "rsqrt", "abs", "neg", "sin", "cos", "elu", "square", "reciprocal", "sign", "not",
+    "rsqrt", "abs", "neg", "sin", "cos", "elu", "square", "reciprocal", "sign", "not", "erf",
 )
 
 
@@ -861,6 +861,16 @@ def _dropout(a, ins):
     return [ins[0]]
 
 
+class NoiseAttrs(Attrs):
+    module: str
+
+
+@op("noise", NoiseAttrs)
+def _noise(a, ins):
+    _float(ins[0], "noise_like")  # N(0, 1) of the input's shape in training, zeros in eval
+    return [ins[0]]
+
+
 # ------------------------------------------------------------------ scan
 class ScanAttrs(Attrs):
     """Runs `body` along one axis. Inputs are: sequences, then constants, then initial states."""
@@ -900,3 +910,63 @@ def _scan(a: ScanAttrs, ins):
         first = TensorType(emitted.shape[:lead] + (length,) + emitted.shape[lead:], emitted.dtype)
     finals = [body.type_of(port) for _, port in body.outputs[1:]]
     return [first] + finals
+
+
+# ---------------------------------------------------------------- cascade
+class CascadeStageAttrs(Attrs):
+    """One stage of a cascade: `body` maps the values the stages read to (exit head, exit gate, *carried values)."""
+
+    path: str
+    body: Any  # gatedsl.ir.graph.Graph
+
+
+def _stage_flops(a: CascadeStageAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops
+
+    return graph_flops(a.body)
+
+
+@op("cascade_stage", CascadeStageAttrs, flops=_stage_flops)
+def _cascade_stage(a: CascadeStageAttrs, ins):
+    expected = [a.body.node(n)["attrs"].type for _, n in a.body.inputs]
+    if list(ins) != expected:
+        raise ShapeError(f"stage {a.path} reads {[str(t) for t in expected]}, got {[str(t) for t in ins]}")
+    return [a.body.type_of(port) for _, port in a.body.outputs]
+
+
+class CascadeAttrs(Attrs):
+    """Early exit over a stack of stages (GATES.md §7).
+
+    `body` is the stack as a graph: the values the stages read, then one cascade_stage node
+    per stage, each taking the previous stage's carried values. Per input, its role: "carry"
+    (per sample, replaced by each stage), "rows" (per sample, read only) or "whole" (shared).
+    A sample exits at the first stage l whose gate is > thresholds[l], else at the last.
+    """
+
+    path: str
+    body: Any  # gatedsl.ir.graph.Graph
+    roles: tuple[Literal["carry", "rows", "whole"], ...]
+    thresholds: tuple[float, ...]
+
+
+def cascade_stages(a: CascadeAttrs) -> list[CascadeStageAttrs]:
+    return [a.body.node(n)["attrs"] for n in a.body.order() if a.body.node(n)["op"] == "cascade_stage"]
+
+
+def _cascade_flops(a: CascadeAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops
+
+    return graph_flops(a.body)  # every stage: the training cost, and inference's worst case
+
+
+@op("cascade", CascadeAttrs, flops=_cascade_flops)
+def _cascade(a: CascadeAttrs, ins):
+    # Outputs: the prediction y (the head at each sample's exit), the exit index, every head
+    # stacked [L, B, ...], every gate [L, B], then each carried value at the sample's exit.
+    stages = cascade_stages(a)
+    if len(stages) != len(a.thresholds) or len(ins) != len(a.roles) or not stages:
+        raise ShapeError("a cascade needs one threshold per stage and one role per input")
+    head, gate, *carried = [stages[0].body.type_of(port) for _, port in stages[0].body.outputs]
+    samples = gate.shape[0]
+    return [head, TensorType((samples,), "int"), TensorType((len(stages),) + head.shape, head.dtype),
+            TensorType((len(stages), samples), gate.dtype), *carried]

@@ -34,6 +34,10 @@ def static_binop(op: str, left: Any, right: Any, span: Span) -> Any:
         if len(left) + len(right) > MAX_STR:
             raise LimitError(f"a static string longer than {MAX_STR:,} characters", span)
         return left + right
+    if op == "+" and isinstance(left, list) and isinstance(right, list):  # collecting values: ys = ys + [y]
+        if len(left) + len(right) > MAX_STR:
+            raise LimitError(f"a static list longer than {MAX_STR:,} items", span)
+        return left + right
     if not numeric:
         raise SpecTypeError(f"cannot apply {op} to {describe(left)} and {describe(right)}", span)
     if op in ("/", "//", "%") and right == 0:

@@ -219,6 +219,10 @@ class Elaborator:
             if not ok:
                 raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
                                 notes=self._binding_notes(stmt.cond))
+        elif isinstance(stmt, ast.AuxStmt):
+            self.aux(stmt)
+        elif isinstance(stmt, ast.ExitStmt):
+            self.exit_stage(stmt)
         else:  # pragma: no cover - the grammar has no other statements
             raise SpecError(f"unsupported statement {type(stmt).__name__}", stmt.span)
 
@@ -237,6 +241,8 @@ class Elaborator:
         self.set_stmt(targets[0])
         if isinstance(expr, ast.Scan):
             value = self.scan(expr, want_all=len(targets) > 1)
+        elif isinstance(expr, ast.Cascade):
+            value = self.cascade(expr, len(targets))
         else:
             value = self.eval(expr)
         if len(targets) == 1:
@@ -290,6 +296,28 @@ class Elaborator:
                                 help=f"gate kinds are {', '.join(GATE_KINDS)}")
         node["gate"] = GateMark(kind=kind, name=self.frame.path + stmt.name, line=stmt.span.line,
                                 file=stmt.span.file)
+        self.bind(stmt.name, value, stmt.span)
+
+    def aux(self, stmt: ast.AuxStmt) -> None:
+        """`aux NAME = expr`: a value the compiled module records at each call under its instance path."""
+        top = self.stack[0].graph
+        if self.frame.graph is not top:
+            raise SpecError(
+                f"`aux {stmt.name}` inside a scanned cell (a sub-graph run once per step): aux values are recorded "
+                "once per call of the model", stmt.span,
+                help="return the value from the cell (or carry it as a state) and record it with `aux` after the scan")
+        self.set_stmt(stmt.name)
+        value = self.eval(stmt.value)
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"an aux value must be a tensor, got {describe(value)}", stmt.value.span)
+        if value.type.dtype != "float":
+            raise SpecTypeError(f"an aux value is a float tensor (usually a scalar loss), got {value.type}",
+                                stmt.value.span, help="wrap it in to_float(...)")
+        path = self.frame.path + stmt.name
+        if any(name == path for name, _ in top.aux):
+            raise NameResolutionError(f"aux '{path}' is recorded twice", stmt.span,
+                                      help="give each aux value of a block its own name")
+        top.aux.append((path, value.port))
         self.bind(stmt.name, value, stmt.span)
 
     def model_input(self, stmt: ast.InputStmt) -> None:
@@ -578,8 +606,12 @@ class Elaborator:
         path = self.frame.path + self.unique(self.frame.path, expr.cell.id) + "."
         body = Graph(cell.name)
         frame = Frame(cell, body, path, {})
+        # `over T` inside a block means the block's T (bound by its signature to the caller's size, say S).
+        axis = expr.axis
+        if isinstance(axis, str) and isinstance(self.frame.env.get(axis), Sym):
+            axis = self.frame.env[axis]
         # Bind the signature against one step: sequences lose the scanned axis.
-        outer = bind_signature(self, cell, frame, args, kwargs, expr, step_axis=(expr.axis, expr.axis_span))
+        outer = bind_signature(self, cell, frame, args, kwargs, expr, step_axis=(axis, expr.axis_span))
         # Placeholders of the body: one per cell parameter, in signature order.
         self.stack.append(frame)
         try:
@@ -619,6 +651,154 @@ class Elaborator:
             label=self.frame.stmt.rsplit(".", 1)[-1],
         )
         return tuple(results) if want_all else results[0]
+
+    # --------------------------------------------------------------- cascade
+    def cascade(self, expr: ast.Cascade, n_targets: int) -> Any:
+        """Early exit (GATES.md §7): elaborate each stage into its own graph, all held by one `cascade` op.
+
+        The stages read outer tensors by name: one assigned in the body is carried from stage
+        to stage (and, after the cascade, is its value at each sample's exit); the others are
+        read only. Gives (y, exit_at, ys, gs), as many as there are targets.
+        """
+        if n_targets > 4:
+            raise SpecTypeError(f"a cascade gives 4 values (y, exit_at, ys, gs), not {n_targets}", expr.span)
+        count = self.eval(expr.count)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise SpecTypeError(f"a cascade needs a static int count of stages, got {describe(count)}", expr.count.span)
+        if count < 1:
+            raise SpecTypeError(f"a cascade needs at least one stage, got {count}", expr.count.span)
+        outer = self.frame
+        read, assigned = _cascade_names(expr.body)
+        captured: dict[str, Tensor] = {}  # the outer tensors the stages read, in order of first use
+        for name, span in [(n.id, n.span) for n in read] + [(n, expr.span) for n in assigned]:
+            value = outer.env.get(name)
+            if isinstance(value, Tensor):
+                captured.setdefault(name, value)
+            elif name not in assigned and _holds_tensor(value):
+                raise SpecTypeError(f"a cascade stage reads tensors by name, and '{name}' is {describe(value)}", span,
+                                    help=f"name the one it needs before the cascade: `a = {name}[0]`")
+        carried = [name for name in captured if name in assigned]
+        named = expr.count.id if isinstance(expr.count, ast.Name) else "cascade"
+        scope = self.unique(outer.path, expr.scope or named)
+        stages = [self.cascade_stage(expr, f"{outer.path}{scope}.{index}.", index, captured, carried)
+                  for index in range(count)]
+        for index, (_, head, gate, _) in enumerate(stages[1:], 1):
+            for what, now, first in (("exit head", head, stages[0][1]), ("exit gate", gate, stages[0][2])):
+                if now.type != first.type:
+                    raise ShapeError(f"every stage's {what} must have one shape, to be stacked: stage {index} "
+                                     f"gives {now.type}, stage 0 {first.type}", now.origin,
+                                     notes=[Note(f"stage 0's {what} is {first.type}", first.origin)])
+        samples = stages[0][2].type.shape[0]
+        roles = []
+        for name, value in captured.items():
+            per_sample = value.type.rank >= 1 and value.type.shape[0] == samples
+            if name in carried and not per_sample:
+                raise ShapeError(f"{name} is carried from stage to stage, so it must have one row per sample "
+                                 f"({samples}) first; it is {value.type}", value.origin)
+            roles.append("carry" if name in carried else "rows" if per_sample else "whole")
+        if "carry" not in roles and "rows" not in roles:
+            raise ShapeError(f"no tensor the cascade reads has the samples ({samples}) as its first dim, so it cannot "
+                             "run a stage on the samples still in", expr.span)
+        results = self.add(
+            "cascade",
+            {"path": f"{outer.path}{scope}", "body": self.cascade_stack(expr, scope, captured, roles, stages),
+             "roles": tuple(roles), "thresholds": tuple(t for *_, t in stages)},
+            list(captured.values()),
+            expr.span,
+            label=outer.stmt.rsplit(".", 1)[-1],
+        )
+        for name, value in zip(carried, results[4:]):
+            self.bind(name, value, expr.span)  # its value at each sample's exit stage
+        return tuple(results[:n_targets]) if n_targets > 1 else results[0]
+
+    def cascade_stage(self, expr: ast.Cascade, path: str, index: int, captured: dict[str, Tensor],
+                      carried: list[str]) -> tuple[Graph, Tensor, Tensor, float]:
+        """One stage as a graph from the captured tensors to (exit head, exit gate, *carried values)."""
+        self.tick(expr.span)
+        outer = self.frame
+        graph = Graph(path.rstrip(".").replace(".", "_"))  # the class of its sub-module: stages_0
+        frame = Frame(outer.definition, graph, path, {k: v for k, v in outer.env.items() if not _holds_tensor(v)})
+        frame.env["\0exit"] = None  # set by the stage's `exit`
+        if expr.index:
+            frame.env[expr.index] = index
+        self.stack.append(frame)
+        try:
+            for name, value in captured.items():
+                (ph,) = self.add("input", {"name": self.argument_name(name), "type": value.type}, [], value.origin,
+                                 label=name)
+                graph.inputs.append((name, ph.port[0]))
+                frame.env[name] = Tensor(ph.port, ph.type, value.origin, name)
+            self.run_body(expr.body)
+        finally:
+            self.stack.pop()
+        if frame.env["\0exit"] is None:
+            raise SpecError("a cascade stage must end in `exit HEAD when GATE > THRESHOLD`", expr.span)
+        head, gate, threshold, _ = frame.env["\0exit"]
+        for name in carried:
+            value = frame.env[name]
+            if not isinstance(value, Tensor) or value.type != captured[name].type:
+                raise ShapeError(
+                    f"{name} is carried from stage to stage, so it must stay {captured[name].type}; "
+                    f"stage {index} makes it {_show(value)}", value.origin if isinstance(value, Tensor) else expr.span,
+                    notes=[Note(f"{name} is {captured[name].type} before the cascade", captured[name].origin)])
+        graph.outputs = [("exit", head.port), ("gate", gate.port)] + [(n, frame.env[n].port) for n in carried]
+        return graph, head, gate, threshold
+
+    def cascade_stack(self, expr: ast.Cascade, scope: str, captured: dict[str, Tensor], roles: list[str],
+                      stages: list[tuple[Graph, Tensor, Tensor, float]]) -> Graph:
+        """The stack as a graph: the captured tensors, then one cascade_stage node per stage, chained by the carried
+        values (what training runs; it holds the stages for every pass that walks the IR)."""
+        outer = self.frame
+        stack = Graph(scope)
+        self.stack.append(Frame(outer.definition, stack, outer.path, {}))
+        try:
+            inputs = []
+            for name, value in captured.items():
+                (ph,) = self.add("input", {"name": self.argument_name(name), "type": value.type}, [], value.origin,
+                                 label=name)
+                stack.inputs.append((name, ph.port[0]))
+                inputs.append(ph)
+            values = list(inputs)
+            for index, (graph, *_) in enumerate(stages):
+                outs = self.add("cascade_stage", {"path": f"{outer.path}{scope}.{index}", "body": graph}, values,
+                                expr.span, label=f"{scope}_{index}")
+                stack.outputs += [(f"exit.{index}", outs[0].port), (f"gate.{index}", outs[1].port)]
+                new = iter(outs[2:])
+                values = [next(new) if role == "carry" else ph for role, ph in zip(roles, inputs)]
+        finally:
+            self.stack.pop()
+        return stack
+
+    def exit_stage(self, stmt: ast.ExitStmt) -> None:
+        """`exit HEAD when GATE > THRESHOLD`: record the stage's exit head, its gate and the threshold."""
+        env = self.frame.env
+        if "\0exit" not in env:
+            raise SpecError("`exit` ends a stage of a cascade, and this is not in one", stmt.span,
+                            help="y, exit_at, ys, gs = cascade l in stages { ...; exit HEAD when GATE > THRESHOLD }")
+        if env["\0exit"] is not None:
+            raise SpecError("a second `exit` in the same cascade stage", stmt.span,
+                            notes=[Note("the first is here", env["\0exit"][3])])
+        self.set_stmt("exit")
+        head = self.eval(stmt.head)
+        if not isinstance(head, Tensor) or head.type.dtype != "float" or head.type.rank == 0:
+            raise SpecTypeError(f"an exit head gives a float tensor with one row per sample, got {describe(head)}",
+                                stmt.head.span)
+        gate = self.eval(stmt.gate)
+        if not isinstance(gate, Tensor) or self.frame.graph.node(gate.port[0])["gate"] is None:
+            raise SpecTypeError(f"an exit fires on a gate declared with `gate` (so it is reported), got "
+                                f"{describe(gate) if not isinstance(gate, Tensor) else 'a tensor that is not one'}",
+                                stmt.gate.span, help="gate g = sigmoid(linear(h, 1)), then `exit ... when g > tau`")
+        if not (gate.type.rank == 1 or (gate.type.rank == 2 and gate.type.shape[1] == 1)):
+            raise ShapeError(f"an exit gate has one value per sample, [B] or [B, 1]; got {gate.type}", stmt.gate.span)
+        if head.type.shape[0] != gate.type.shape[0]:
+            raise ShapeError(f"the exit head {head.type} and its gate {gate.type} must have the samples first",
+                             stmt.span, notes=[Note(f"the head is {head.type}", stmt.head.span),
+                                               Note(f"the gate is {gate.type}", stmt.gate.span)])
+        threshold = self.eval(stmt.threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise SpecTypeError(f"an exit threshold is a static number, got {describe(threshold)}",
+                                stmt.threshold.span)
+        env["\0exit"] = (head, gate, float(threshold), stmt.span)
 
     # ------------------------------------------------------------------ types
     def eval_tensor_type(self, ttype: ast.TensorType, free_symbols: bool) -> TensorType:
@@ -701,6 +881,41 @@ def _describe_operand(t: Tensor) -> str:
     return "this operand"
 
 
+_NOT_IN_STAGE = {ast.Return: "`return`", ast.InputStmt: "`input`", ast.OutputStmt: "`output`",
+                  ast.AuxStmt: "`aux`", ast.Cascade: "a cascade"}
+
+
+def _cascade_names(body: list[ast.Stmt]) -> tuple[list[ast.Name], list[str]]:
+    """The names a cascade's stage body reads (each use, in order) and assigns; refuses what a stage cannot hold."""
+    read: list[ast.Name] = []
+    assigned: list[str] = []
+
+    def walk(node: ast.Node) -> None:
+        what = next((w for kind, w in _NOT_IN_STAGE.items() if isinstance(node, kind)), None)
+        if what is not None:
+            raise SpecError(f"{what} cannot stand inside a cascade stage", node.span,
+                            help="a stage's results leave through its `exit` and the names it carries; "
+                                 "use them after the cascade")
+        if isinstance(node, ast.Name):
+            read.append(node)
+        elif isinstance(node, ast.Assign):
+            assigned.extend(node.targets)
+        elif isinstance(node, ast.GateStmt):
+            assigned.append(node.name)
+        for value in vars(node).values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, ast.Node):
+                    walk(item)
+
+    for stmt in body:
+        walk(stmt)
+    return read, list(dict.fromkeys(assigned))
+
+
+def _holds_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value))
+
+
 def _names_in(expr: ast.Expr):
     if isinstance(expr, ast.Name):
         yield expr
@@ -731,7 +946,7 @@ def bind_signature(
     args: list[Any],
     kwargs: dict[str, tuple[Any, Span]],
     call: ast.Expr,
-    step_axis: tuple[str | int, Span] | None,
+    step_axis: tuple[str | int | Sym, Span] | None,
 ) -> dict[str, tuple[str, int | None, Tensor | None]]:
     """Bind call arguments to a definition's parameters in `frame.env`, unifying tensor shapes.
 
@@ -835,11 +1050,11 @@ def _signature_dims(definition: ast.Definition) -> set[str]:
     return names
 
 
-def _find_axis(ttype: TensorType, axis: str | int) -> int | None:
+def _find_axis(ttype: TensorType, axis: str | int | Sym) -> int | None:
     if isinstance(axis, int):
         rank = ttype.rank
         return axis % rank if -rank <= axis < rank else None
-    matches = [i for i, d in enumerate(ttype.shape) if d == Sym.named(axis)]
+    matches = [i for i, d in enumerate(ttype.shape) if d == (axis if isinstance(axis, Sym) else Sym.named(axis))]
     return matches[0] if len(matches) == 1 else None
 
 

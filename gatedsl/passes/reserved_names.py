@@ -25,7 +25,8 @@ MODULE_ATTRIBUTES = frozenset("""
     zero_grad hpu npu xla
 """.split())
 
-RESERVED = MODULE_ATTRIBUTES | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self"}
+# `aux`: gatedsl's compiled modules read their aux values there (gatedsl.aux_outputs).
+RESERVED = MODULE_ATTRIBUTES | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self", "aux"}
 
 
 # A model input or a cell parameter becomes an argument of the generated forward(): it must not be a keyword, `self`,
