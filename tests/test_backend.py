@@ -712,3 +712,20 @@ def test_whole_module_pickles_and_deep_copies(tmp_path):
     torch.testing.assert_close(twin(x), gm(x), rtol=0, atol=0)
     twin.get_parameter("C.z.x_proj.weight").data.add_(1.0)  # a deep copy shares no storage
     assert not torch.equal(twin.get_parameter("C.z.x_proj.weight"), gm.get_parameter("C.z.x_proj.weight"))
+
+
+def test_a_deep_copy_pickles_and_keeps_its_dtype():
+    import copy
+    import pickle
+
+    import gatedsl
+
+    gm = gatedsl.compile(
+        "cell C(x: [*, D], state h: [*, H]) {\n  h = tanh(linear(x, H) + linear(h, H))\n}\n"
+        "model M() {\n  input x: [B, T, 3]\n  output y = scan C(x, H=4) over T\n}\n"
+    ).double()
+    twin = copy.deepcopy(gm)
+    again = pickle.loads(pickle.dumps(twin))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert all(p.dtype == torch.float64 and p.requires_grad for p in again.parameters())

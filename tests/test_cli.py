@@ -205,3 +205,15 @@ def test_check_library_file_without_model(tmp_path, capsys):
     lib.write_text("block Twice(x: [*, D]) {\n  return 2 * \n}\n")
     assert main(["check", str(lib)]) == 1
     assert f"{lib}:2:" in capsys.readouterr().err
+
+
+def test_export_of_a_model_named_like_a_helper(tmp_path, capsys):
+    spec = tmp_path / "s.gate"
+    spec.write_text("cell C(x: [*, D], state h: [*, H]) {\n  h = tanh(linear(x, H) + linear(h, H))\n}\n"
+                    "model scan() {\n  input x: [B, T, 3]\n  output y = scan C(x, H=4) over T\n}\n")
+    out = tmp_path / "m.py"
+    assert main(["compile", str(spec), "-o", str(out)]) == 0
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import torch, m; print(m.load()(torch.randn(2, 3, 3)).shape)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([2, 3, 4])" in done.stdout

@@ -118,5 +118,11 @@ def _class_name(model: str, path: str) -> str:
     return _py_name(model) + "_" + path.replace(".", "_")
 
 
+# Module-level names of the generated file: a model class must not shadow any of them.
+_FILE_NAMES = frozenset(n for n, _ in inspect.getmembers(runtime)) | {
+    "WEIGHTS", "load", "math", "Path", "torch", "F", "nn", "inf", "nan", "NoneType", "device", "_install"}
+
+
 def _py_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "Model"
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "Model"
+    return name + "Model" if name in _FILE_NAMES else name

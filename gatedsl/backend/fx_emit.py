@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Callable
 
@@ -27,9 +28,7 @@ def emit(unit: ModelIR) -> fx.GraphModule:
 def emit_graph(graph: Graph) -> fx.GraphModule:
     root = build_module_tree(graph.all_params(), graph.all_modules())
     gm = _emit_graph(graph, root, prefix="", top=True)
-    # fx pickles a GraphModule by re-tracing its code, which cannot see through a scan's
-    # Python loop; pickle the IR and the weights instead and emit again on load.
-    type(gm).__reduce__ = lambda self: (_unpickle, (graph, self.state_dict(), self.training, self.meta))
+    gm._ir = graph  # spec paths never start with "_", so this cannot clash with a weight
     return gm
 
 
@@ -42,9 +41,21 @@ def _unpickle(graph: Graph, state: dict, training: bool, meta: dict) -> fx.Graph
 
 
 class CompiledModule(fx.GraphModule):
-    """A compiled model: a GraphModule whose `aux` holds the `aux NAME = ...` values of its latest call."""
+    """A compiled model: a GraphModule whose `aux` holds the `aux NAME = ...` values of its latest call.
+
+    fx pickles and deep-copies a GraphModule by re-tracing its code, which cannot see
+    through a scan's Python loop (and drops this class); both go through the IR instead.
+    """
 
     aux = property(runtime.aux_values)
+    _ir: Graph  # the graph this module was emitted from
+
+    def __reduce__(self):
+        return (_unpickle, (self._ir, self.state_dict(), self.training, self.meta))
+
+    def __deepcopy__(self, memo):
+        state = {k: copy.deepcopy(v.detach(), memo) for k, v in self.state_dict().items()}
+        return _unpickle(self._ir, state, self.training, copy.deepcopy(self.meta, memo))
 
 
 # ---------------------------------------------------------------- modules
