@@ -646,12 +646,12 @@ model M() {{
 def test_reserved_names_cover_torch_module_attributes():
     import keyword
 
-    from gatedsl.passes.reserved_names import RESERVED, is_reserved, safe_attribute_name
+    from gatedsl.ir.reserved_names import RESERVED, is_reserved, safe_attribute_name
 
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
     attributes = set(dir(torch.nn.Module)) | set(dir(torch.fx.GraphModule)) | set(dir(torch.nn.Module())) | set(dir(gm))
     missing = sorted(a for a in attributes if not is_reserved(a))
-    assert not missing, f"add these to gatedsl/passes/reserved_names.py: {missing}"
+    assert not missing, f"add these to gatedsl/ir/reserved_names.py: {missing}"
     assert set(keyword.kwlist) <= RESERVED
     for name in sorted(attributes | set(keyword.kwlist)) + ["_", "__", "_0", "x"]:
         safe = safe_attribute_name(name)
@@ -661,12 +661,12 @@ def test_reserved_names_cover_torch_module_attributes():
 
 
 def test_argument_names_avoid_what_fx_generated_code_reads():
-    from gatedsl.passes.reserved_names import ARGUMENT_RESERVED, safe_argument_name
+    from gatedsl.ir.reserved_names import ARGUMENT_RESERVED, safe_argument_name
 
     illegal = set(getattr(torch.fx.graph, "_illegal_names", {}))  # keywords, builtins, torch, inf, ... in fx
     assert "torch" in illegal and "getattr" in illegal
     missing = sorted(illegal - ARGUMENT_RESERVED)
-    assert not missing, f"add these to FX_GLOBALS in gatedsl/passes/reserved_names.py: {missing}"
+    assert not missing, f"add these to FX_GLOBALS in gatedsl/ir/reserved_names.py: {missing}"
     assert safe_argument_name("torch") == "torch_" and safe_argument_name("x") == "x"
     assert safe_argument_name("torch", {"torch_"}) == "torch__"
 

@@ -25,7 +25,7 @@ from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY, ScanAttrs
 from gatedsl.ir.types import Dim, Sym, TensorType, dim_div, dim_mul, show_shape
 from gatedsl.ir.values import Builtin, Tensor, describe
-from gatedsl.passes.reserved_names import safe_argument_name, safe_attribute_name
+from gatedsl.ir.reserved_names import safe_argument_name, safe_attribute_name
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
