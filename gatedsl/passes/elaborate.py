@@ -275,14 +275,19 @@ class Elaborator:
                     node["name"] = name  # generated code reads like the spec
         self.frame.env[name] = value
 
+    def float_tensor(self, expr: ast.Expr, what: str, fix: str) -> Tensor:
+        """Evaluate `expr`, which must give a float tensor: `what` must be one, and `fix` says how."""
+        value = self.eval(expr)
+        if not isinstance(value, Tensor):
+            raise SpecTypeError(f"{what} must be a tensor, got {describe(value)}", expr.span)
+        if value.type.dtype != "float":
+            raise SpecTypeError(f"{what} must be a float tensor, got {value.type}", expr.span, help=fix)
+        return value
+
     def gate(self, stmt: ast.GateStmt) -> None:
         self.set_stmt(stmt.name)
-        value = self.eval(stmt.value)
-        if not isinstance(value, Tensor):
-            raise SpecTypeError(f"a gate must be a tensor, got {describe(value)}", stmt.value.span)
-        if value.type.dtype != "float":
-            raise SpecTypeError(f"a gate multiplies, so it must be a float tensor, got {value.type}",
-                                stmt.value.span, help="wrap it in to_float(...), or use binary(...) for a 0/1 gate")
+        value = self.float_tensor(stmt.value, "a gate multiplies, so it",
+                                  "wrap it in to_float(...), or use binary(...) for a 0/1 gate")
         node = self.frame.graph.node(value.port[0])
         kind = stmt.kind or _gate_kind(node)
         if kind is None:
@@ -307,12 +312,7 @@ class Elaborator:
                 "once per call of the model", stmt.span,
                 help="return the value from the cell (or carry it as a state) and record it with `aux` after the scan")
         self.set_stmt(stmt.name)
-        value = self.eval(stmt.value)
-        if not isinstance(value, Tensor):
-            raise SpecTypeError(f"an aux value must be a tensor, got {describe(value)}", stmt.value.span)
-        if value.type.dtype != "float":
-            raise SpecTypeError(f"an aux value is a float tensor (usually a scalar loss), got {value.type}",
-                                stmt.value.span, help="wrap it in to_float(...)")
+        value = self.float_tensor(stmt.value, "an aux value (usually a scalar loss)", "wrap it in to_float(...)")
         path = self.frame.path + stmt.name
         if any(name == path for name, _ in top.aux):
             raise NameResolutionError(f"aux '{path}' is recorded twice", stmt.span,
