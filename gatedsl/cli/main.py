@@ -120,7 +120,7 @@ def _check(args) -> int:
             print(err.render(), file=sys.stderr)
             failed += 1
             continue
-        print(f"{file}: ok: model {rep.model}, {rep.params:,} parameters, {len(rep.gates)} gates, "
+        print(f"{file}: ok: model {rep.model}, {rep.params:,} parameters, {len(rep.gates)} gate{'' if len(rep.gates) == 1 else 's'}, "
               f"{rep.flops_expr} FLOPs")
     return EXIT_SPEC if failed else EXIT_OK
 
