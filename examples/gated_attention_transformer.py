@@ -1,10 +1,11 @@
 """Train the gated-attention transformer of examples/gated_attention_transformer.gate as a character-level language model.
 
-The same data, training and evaluation as examples/swiglu_transformer.py (imported from
-it), with std.attention's gated_attention in place of plain causal attention: each head's
-output is multiplied element-wise by a sigmoid gate σ(x W_θ) computed from the layer's
-input (Qiu et al. 2025). After training we run the model once more and print the mean
-value of every gate, to see how much each layer lets through.
+The same data (from examples/text_data.py), training and evaluation (imported from
+examples/swiglu_transformer.py) as the SwiGLU example, with std.attention's gated_attention
+in place of plain causal attention: each head's output is multiplied element-wise by a
+sigmoid gate σ(x W_θ) computed from the layer's input (Qiu et al. 2025). After training we
+run the model once more and print the mean value of every gate, to see how much each layer
+lets through.
 
     python examples/gated_attention_transformer.py   # under half a minute on a laptop CPU
 """
@@ -21,8 +22,9 @@ import gatedsl
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "gated_attention_transformer.gate"
-sys.path.insert(0, str(HERE))  # the shared data and training code of the SwiGLU example, beside this file
-from swiglu_transformer import encode, load_text, sample, split_text, train_language_model  # noqa: E402
+sys.path.insert(0, str(HERE))  # the shared text helpers and the SwiGLU example's training loop, beside this file
+from swiglu_transformer import train_language_model  # noqa: E402
+from text_data import CORPUS, continue_text, decode, encode, every_window, load_text, split_text  # noqa: E402
 
 
 class GateProbe(torch.fx.Interpreter):
@@ -58,20 +60,22 @@ def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, head
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        text, source = load_text()
+        text, source = load_text(CORPUS)
         ids, alphabet = encode(text)
         print(f"text: {source}, {len(text):,} characters, {len(alphabet)} distinct")
         model = gatedsl.compile(SPEC, params=dict(vocab=len(alphabet), context=context, d=d, layers=layers,
                                                   heads=heads))
         report = model.meta["gatedsl_report"]
         print(f"{report.params:,} parameters; gates:", ", ".join(f"{g.name} ({g.kind})" for g in report.gates))
-        eval_windows = split_text(ids, context)[1]
+        held_out = split_text(ids)[1]
+        eval_windows = every_window(held_out, context)
         before = gate_means(model, eval_windows)
         result = train_language_model(model, ids, context, steps, batch, lr, log_every, seed)
         after = gate_means(model, eval_windows)
         for name in after:
             print(f"mean gate {name}: {before[name]:.3f} before training, {after[name]:.3f} after")
-        print("sample:", repr(sample(model, eval_windows[0, 1:], alphabet, 80, torch.Generator().manual_seed(seed))))
+        prompt = decode(held_out[:context], alphabet)  # the start of the held-out text
+        print("sample:", repr(continue_text(model, prompt, alphabet, 80, context, temperature=1, seed=seed)))
         return {**result, "gate_means": after}
     finally:
         torch.set_num_threads(threads)

@@ -4,8 +4,9 @@ GLA (Yang et al. 2024) replaces softmax attention by a recurrence with a matrix 
 S_t = diag(α_t) S_{t−1} + k_tᵀ v_t, read out by o_t = q_t S_t, where the forget gate α_t is
 computed from the input. examples/gla_lm.gate stacks GLA token mixers (std.linear_rnn) and
 SwiGLU MLPs (std.mlp). The text is examples/data/corpus.txt (the project's own prose) when it is
-there, else generated sentences. We train on random windows of 90% of the text, report bits per
-character and next-character accuracy on the other 10%, and let the model write.
+there, else generated sentences (examples/text_data.py loads it). We train on random windows of
+90% of the text, report bits per character and next-character accuracy on the other 10%, and let
+the model write.
 
     python examples/gla_lm.py            # under a minute on a laptop CPU
 """
@@ -13,7 +14,7 @@ character and next-character accuracy on the other 10%, and let the model write.
 from __future__ import annotations
 
 import math
-import random
+import sys
 from pathlib import Path
 
 import torch
@@ -23,44 +24,8 @@ import gatedsl
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "gla_lm.gate"
-CORPUS = HERE / "data" / "corpus.txt"
-
-
-# ------------------------------------------------------------------ the data
-def generated_text(sentences: int = 1500, seed: int = 0) -> str:
-    """Simple English sentences from a tiny grammar: the text used when there is no corpus file."""
-    rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "the old man", "my sister", "the bird", "a child", "the teacher"]
-    verbs = ["sees", "likes", "follows", "finds", "draws", "remembers", "calls"]
-    objects = ["the red ball", "a small house", "the river", "her friend", "the moon", "a green tree"]
-    endings = ["today", "at night", "in the garden", "again", "every morning", "with care"]
-    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(endings)}."
-                    for _ in range(sentences))
-
-
-def load_text() -> tuple[torch.Tensor, list[str], str]:
-    """The text as character ids, the alphabet (id -> character), and where the text came from."""
-    if CORPUS.exists():
-        text, source = CORPUS.read_text(encoding="utf-8"), str(CORPUS.relative_to(HERE.parent))
-    else:
-        text, source = generated_text(), "generated sentences (no examples/data/corpus.txt)"
-    alphabet = sorted(set(text))
-    index = {c: i for i, c in enumerate(alphabet)}
-    return torch.tensor([index[c] for c in text]), alphabet, source
-
-
-def split_text(ids: torch.Tensor, chunk: int = 1000, every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold out every `every`-th chunk of `chunk` characters for evaluation, so both parts sample all the text."""
-    pieces = ids.split(chunk)
-    held_out = [i % every == every - 1 for i in range(len(pieces))]
-    return (torch.cat([p for p, h in zip(pieces, held_out) if not h]),
-            torch.cat([p for p, h in zip(pieces, held_out) if h]))
-
-
-def random_windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
-    """`count` random windows of `length + 1` consecutive ids: [count, length + 1]."""
-    starts = torch.randint(len(ids) - length - 1, (count,))
-    return torch.stack([ids[s:s + length + 1] for s in starts.tolist()])
+sys.path.insert(0, str(HERE))  # the text and its helpers, shared by the language-model examples, beside this file
+from text_data import CORPUS, continue_text, encode, every_window, load_text, random_windows, split_text  # noqa: E402
 
 
 # ---------------------------------------------------------------- training
@@ -79,7 +44,8 @@ def main(steps: int = 300, d: int = 48, layers: int = 2, heads: int = 2, window:
 def train(steps: int, d: int, layers: int, heads: int, window: int, batch: int, lr: float, log_every: int,
           generate: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    ids, alphabet, source = load_text()
+    text, source = load_text(CORPUS)
+    ids, alphabet = encode(text)
     train_ids, eval_ids = split_text(ids)
     print(f"{source}: {len(ids):,} characters, an alphabet of {len(alphabet)} "
           f"(uniform guessing: {math.log2(len(alphabet)):.2f} bits per character)")
@@ -95,7 +61,7 @@ def train(steps: int, d: int, layers: int, heads: int, window: int, batch: int, 
         return model(w[:, :-1]).reshape(-1, len(alphabet)), w[:, 1:].reshape(-1)
 
     # The held-out text cut into windows of the training length, every character predicted once.
-    eval_windows = eval_ids[: (len(eval_ids) - 1) // window * window + 1].unfold(0, window + 1, window)
+    eval_windows = every_window(eval_ids, window)
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
@@ -119,24 +85,11 @@ def train(steps: int, d: int, layers: int, heads: int, window: int, batch: int, 
     print(f"eval loss after training {final:.3f}: {final / math.log(2):.2f} bits per character "
           f"(from {initial / math.log(2):.2f}); next-character accuracy {accuracy:.1%}")
     if generate:
-        prompt = "A gate " if "A" in alphabet else "the "
+        prompt = "A gate "
         print(f"greedy continuation of {prompt!r}:")
-        print("  " + repr(continue_text(model, prompt, alphabet, generate, window)))
+        print("  " + repr(prompt + continue_text(model, prompt, alphabet, generate, window, temperature=0)))
     return {"initial_loss": initial, "final_loss": final, "train_loss": loss.item(),
             "bits_per_char": final / math.log(2), "accuracy": accuracy}
-
-
-@torch.no_grad()
-def continue_text(model, prompt: str, alphabet: list[str], length: int, context: int) -> str:
-    """Greedy generation: append the most likely next character, reading at most `context` characters back."""
-    model.eval()
-    index = {c: i for i, c in enumerate(alphabet)}
-    ids = [index[c] for c in prompt if c in index]
-    for _ in range(length):
-        logits = model(torch.tensor([ids[-context:]]))
-        ids.append(int(logits[0, -1].argmax()))
-    model.train()
-    return "".join(alphabet[i] for i in ids)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train a character-level LSTM language model on gatedsl's own documentation.
 
 The text is examples/data/corpus.txt (the project's README, GATES.md, STYLE.md and
-BENCHMARKS.md, about 20 KB). The model, examples/lstm_char_lm.gate, embeds characters, runs
+BENCHMARKS.md, about 20 KB; generated sentences if the file is missing), loaded by
+examples/text_data.py. The model, examples/lstm_char_lm.gate, embeds characters, runs
 std.layers' RNNStack of std.cells' LSTM over them, and predicts each next character. We train
 on random windows of 90% of the text, report bits per character on the other 10% (every tenth
 chunk of 1,000 characters; log2 of the alphabet size for a model that knows nothing), and let the
@@ -13,6 +14,7 @@ model write.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -22,30 +24,8 @@ import gatedsl
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "lstm_char_lm.gate"
-CORPUS = HERE / "data" / "corpus.txt"
-
-
-# ------------------------------------------------------------------ the data
-def load_text() -> tuple[torch.Tensor, list[str]]:
-    """The corpus as character ids, and the alphabet (id -> character)."""
-    text = CORPUS.read_text(encoding="utf-8")
-    alphabet = sorted(set(text))
-    index = {c: i for i, c in enumerate(alphabet)}
-    return torch.tensor([index[c] for c in text]), alphabet
-
-
-def split_text(ids: torch.Tensor, chunk: int = 1000, every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold out every `every`-th chunk of `chunk` characters for evaluation, so both parts sample every file."""
-    pieces = ids.split(chunk)
-    held_out = [i % every == every - 1 for i in range(len(pieces))]
-    return (torch.cat([p for p, h in zip(pieces, held_out) if not h]),
-            torch.cat([p for p, h in zip(pieces, held_out) if h]))
-
-
-def random_windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
-    """`count` random windows of `length + 1` consecutive ids: [count, length + 1]."""
-    starts = torch.randint(len(ids) - length - 1, (count,))
-    return torch.stack([ids[s:s + length + 1] for s in starts.tolist()])
+sys.path.insert(0, str(HERE))  # the text and its helpers, shared by the language-model examples, beside this file
+from text_data import CORPUS, continue_text, encode, every_window, load_text, random_windows, split_text  # noqa: E402
 
 
 # ---------------------------------------------------------------- training
@@ -64,9 +44,10 @@ def main(steps: int = 400, d: int = 128, window: int = 64, batch: int = 32, lr: 
 def train(steps: int, d: int, window: int, batch: int, lr: float, log_every: int, generate: int,
           seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    ids, alphabet = load_text()
+    text, source = load_text(CORPUS)
+    ids, alphabet = encode(text)
     train_ids, eval_ids = split_text(ids)
-    print(f"{len(ids):,} characters, an alphabet of {len(alphabet)} "
+    print(f"{source}: {len(ids):,} characters, an alphabet of {len(alphabet)} "
           f"(uniform guessing: {math.log2(len(alphabet)):.2f} bits per character)")
 
     model = gatedsl.compile(SPEC, params={"vocab": len(alphabet), "d": d, "layers": 1, "cell": "LSTM"})
@@ -80,8 +61,7 @@ def train(steps: int, d: int, window: int, batch: int, lr: float, log_every: int
         return F.cross_entropy(logits.reshape(-1, len(alphabet)), w[:, 1:].reshape(-1))
 
     # The held-out text cut into windows of the training length, every character predicted once.
-    eval_windows = eval_ids[: (len(eval_ids) - 1) // window * window + 1]
-    eval_windows = eval_windows.unfold(0, window + 1, window)
+    eval_windows = every_window(eval_ids, window)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -104,29 +84,12 @@ def train(steps: int, d: int, window: int, batch: int, lr: float, log_every: int
     print(f"eval loss after training {final:.3f}: {final / math.log(2):.2f} bits per character "
           f"(from {initial / math.log(2):.2f})")
     if generate:
-        print("the model continues 'A gate ' (sampled at temperature 0.5):")
-        print("  " + repr(continue_text(model, "A gate ", alphabet, generate, window, seed=seed)))
+        prompt = "A gate "
+        print(f"the model continues {prompt!r} (sampled at temperature 0.5):")
+        written = continue_text(model, prompt, alphabet, generate, window, temperature=0.5, seed=seed)
+        print("  " + repr(prompt + written))
     return {"initial_loss": initial, "final_loss": final, "train_loss": loss.item(),
             "bits_per_char": final / math.log(2)}
-
-
-@torch.no_grad()
-def continue_text(model, prompt: str, alphabet: list[str], length: int, context: int, temperature: float = 0.5,
-                  seed: int = 0) -> str:
-    """Sample `length` characters one at a time from softmax(logits / temperature), reading at most `context`
-    characters back (temperature 0 is greedy: always the most likely character)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    index = {c: i for i, c in enumerate(alphabet)}
-    ids = [index[c] for c in prompt]
-    for _ in range(length):
-        logits = model(torch.tensor([ids[-context:]]))[0, -1]
-        if temperature == 0:
-            ids.append(int(logits.argmax()))
-        else:
-            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
-    model.train()
-    return "".join(alphabet[i] for i in ids)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ which we print before and after training, and then once more for the same model 
 without the balancing losses (w_balance = 0): its routers crowd the tokens onto a few experts.
 
 The text is examples/data/corpus.txt (gatedsl's own documentation) where it exists, and
-otherwise generated sentences, so the example always runs.
+otherwise generated sentences, so the example always runs (examples/text_data.py loads it).
+We train on random windows of 90% of the text and evaluate on the other 10%.
 
     python examples/moe_transformer.py            # about half a minute on a laptop CPU (two trainings)
 """
@@ -18,7 +19,7 @@ otherwise generated sentences, so the example always runs.
 from __future__ import annotations
 
 import math
-import random
+import sys
 from pathlib import Path
 
 import torch
@@ -28,37 +29,8 @@ import gatedsl
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "moe_transformer.gate"
-CORPUS = HERE / "data" / "corpus.txt"
-
-
-# ------------------------------------------------------------------ the data
-def generated_text(sentences: int = 3000, seed: int = 0) -> str:
-    """Simple sentences from a small grammar, the fallback when the corpus is missing."""
-    rng = random.Random(seed)
-    subjects = ["the router", "an expert", "the model", "every layer", "the gate", "a token", "the input"]
-    verbs = ["sends", "weighs", "mixes", "picks", "skips", "balances", "scales", "passes"]
-    objects = ["the experts", "a value", "the residual", "each feature", "the load", "its input", "the output"]
-    endings = [".", " twice.", " at once.", " in turn.", " when asked."]
-    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(endings)}"
-                    for _ in range(sentences))
-
-
-def load_text() -> tuple[str, str]:
-    """The text to learn and where it came from."""
-    if CORPUS.is_file():
-        return CORPUS.read_text(encoding="utf-8"), str(CORPUS.relative_to(HERE.parent))
-    return generated_text(), "generated sentences (examples/data/corpus.txt is missing)"
-
-
-def windows_of(ids: torch.Tensor, context: int, count: int | None = None,
-               gen: torch.Generator | None = None) -> torch.Tensor:
-    """Windows of `context + 1` consecutive ids (inputs [:, :-1], targets [:, 1:]): `count` random ones,
-    or every non-overlapping one when count is None."""
-    if count is None:
-        starts = range(0, len(ids) - context - 1, context)
-    else:
-        starts = torch.randint(len(ids) - context - 1, (count,), generator=gen).tolist()
-    return torch.stack([ids[s:s + context + 1] for s in starts])
+sys.path.insert(0, str(HERE))  # the text and its helpers, shared by the language-model examples, beside this file
+from text_data import CORPUS, encode, every_window, load_text, random_windows, split_text  # noqa: E402
 
 
 # ---------------------------------------------------------------- training
@@ -94,7 +66,7 @@ def main(steps: int = 600, context: int = 32, d: int = 48, layers: int = 2, head
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        text, source = load_text()
+        text, source = load_text(CORPUS)
         print(f"text: {source}, {len(text):,} characters, {len(set(text))} distinct")
         size = dict(context=context, d=d, layers=layers, heads=heads, experts=experts, k=k, hidden=hidden)
         result = train(text, size, w_balance, steps, batch, lr, log_every, seed, verbose=True)
@@ -110,11 +82,10 @@ def main(steps: int = 600, context: int = 32, d: int = 48, layers: int = 2, head
 def train(text: str, size: dict, w_balance: float, steps: int, batch: int, lr: float, log_every: int, seed: int,
           verbose: bool) -> dict:
     torch.manual_seed(seed)
-    alphabet = sorted(set(text))
-    ids = torch.tensor([alphabet.index(c) for c in text])
-    split = int(0.9 * len(ids))
+    ids, alphabet = encode(text)
+    train_ids, eval_ids = split_text(ids)
     context = size["context"]
-    train_ids, eval_windows = ids[:split], windows_of(ids[split:], context)
+    eval_windows = every_window(eval_ids, context)
 
     model = gatedsl.compile(SPEC, params=dict(vocab=len(alphabet), w_balance=w_balance, **size))
     report = model.meta["gatedsl_report"]
@@ -132,7 +103,7 @@ def train(text: str, size: dict, w_balance: float, steps: int, batch: int, lr: f
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     for step in range(1, steps + 1):
-        ce, balance = losses(model, windows_of(train_ids, context, batch, gen))
+        ce, balance = losses(model, random_windows(train_ids, batch, context, gen))
         loss = ce + balance                     # the balancing losses reach the routers through autograd
         optimizer.zero_grad()
         loss.backward()

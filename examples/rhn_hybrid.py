@@ -5,7 +5,7 @@ trained every combination of recurrent cell (LSTM, GRU, RHN), residual gating an
 chaotic systems and found an RHN with neural gating and attention best. examples/rhn_hybrid.gate
 writes that model with std.cells' RHN, std.attention's gated_attention and input-dependent gated
 residuals; here it learns to predict Lorenz-96 one step ahead, on the same data as
-examples/train_forecaster.py (whose simulator we import).
+examples/train_forecaster.py (whose data we import).
 
     python examples/rhn_hybrid.py              # about half a minute on a laptop CPU
 """
@@ -23,7 +23,7 @@ import gatedsl
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "rhn_hybrid.gate"
 sys.path.insert(0, str(HERE))
-from train_forecaster import simulate, windows  # noqa: E402  (the Lorenz-96 data of the first example)
+from train_forecaster import train_and_test_windows  # noqa: E402  (the Lorenz-96 data of the first example)
 
 
 def main(steps: int = 300, d: int = 32, depth: int = 2, window: int = 32, batch: int = 32, lr: float = 3e-3,
@@ -41,12 +41,9 @@ def main(steps: int = 300, d: int = 32, depth: int = 2, window: int = 32, batch:
 def train(steps: int, d: int, depth: int, window: int, batch: int, lr: float, log_every: int,
           seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    series = simulate(2000, seed=seed)                   # [2000, 8] states of the Lorenz-96 ring
-    series = (series - series.mean()) / series.std()     # unit-scale inputs
-    split = int(0.8 * len(series))
-    train_set, test_set = windows(series[:split], window), windows(series[split:], window)
+    train_set, test_set = train_and_test_windows(window, seed)  # [count, window + 1, 8]: the Lorenz-96 ring
 
-    model = gatedsl.compile(SPEC, params={"channels": series.shape[1], "d": d, "depth": depth,
+    model = gatedsl.compile(SPEC, params={"channels": train_set.shape[-1], "d": d, "depth": depth,
                                           "gating": "input", "attention": True})
     report = model.meta["gatedsl_report"]
     print(f"{report.params:,} parameters; gates:",

@@ -47,6 +47,14 @@ def windows(series: torch.Tensor, length: int) -> torch.Tensor:
     return series.unfold(0, length + 1, 1).transpose(1, 2).contiguous()
 
 
+def train_and_test_windows(length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `length + 1` unit-scale states from the first 80% of a 2,000-state trajectory, and from the rest."""
+    series = simulate(2000, seed=seed)
+    series = (series - series.mean()) / series.std()  # the model sees unit-scale inputs
+    split = int(0.8 * len(series))
+    return windows(series[:split], length), windows(series[split:], length)
+
+
 # ---------------------------------------------------------------- training
 def main(steps: int = 300, d: int = 32, window: int = 32, batch: int = 32, lr: float = 3e-3,
          log_every: int = 50, seed: int = 0) -> dict[str, float]:
@@ -63,10 +71,7 @@ def main(steps: int = 300, d: int = 32, window: int = 32, batch: int = 32, lr: f
 
 def train(steps: int, d: int, window: int, batch: int, lr: float, log_every: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    series = simulate(2000, seed=seed)
-    series = (series - series.mean()) / series.std()  # the model sees unit-scale inputs
-    split = int(0.8 * len(series))
-    train_set, test_set = windows(series[:split], window), windows(series[split:], window)
+    train_set, test_set = train_and_test_windows(window, seed)
 
     # The model: one GRU layer and a gated-attention residual, widths d.
     model = gatedsl.compile(SPEC, params={"cell": "GRU", "d": d, "layers": 1, "attention": True})

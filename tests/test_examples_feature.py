@@ -41,21 +41,20 @@ def test_gate_probe_reads_the_gates_the_model_computes():
     assert abs(means["blocks.0.gated_attention.g"] - gate.mean().item()) < 1e-12
 
 
-def test_language_model_text_falls_back_to_generated_sentences(monkeypatch, tmp_path):
-    example = load_example("swiglu_transformer")
-    monkeypatch.setattr(example, "CORPUS", tmp_path / "missing.txt")
-    text, source = example.load_text()
+def test_language_model_text_falls_back_to_generated_sentences(tmp_path):
+    text, source = load_example("text_data").load_text(tmp_path / "missing.txt")
     assert "generated" in source and len(text) > 10_000 and text.count(".") > 1000
 
 
 def test_language_model_split_holds_out_a_tenth_never_trained_on():
-    example = load_example("swiglu_transformer")
+    text_data = load_example("text_data")
     ids = torch.arange(20_000)  # distinct ids: every window says where it came from
-    train, held_out = example.split_text(ids, 32)
-    assert held_out.shape[1] == 33
-    held = set(held_out.flatten().tolist())
+    train, held_out = text_data.split_text(ids)
+    windows = text_data.every_window(held_out, 32)
+    assert windows.shape[1] == 33 and torch.equal(windows[:, 1:].flatten(), held_out[1:len(windows) * 32 + 1])
+    held = set(held_out.tolist())
     assert not held & set(train.tolist()) and len(held) + len(train) == len(ids)
-    assert 0.07 < len(held) / len(ids) < 0.11  # every tenth piece of 16 windows: 3 of 39 here
+    assert len(held) == len(ids) // 10  # every tenth chunk of 1,000: 2 of 20 here
 
 
 def test_hornet_images_accuracy_rises(capsys):
