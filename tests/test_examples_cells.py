@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,16 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import gatedsl
+from test_examples import load_example
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------ lstm_char_lm

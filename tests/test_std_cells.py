@@ -11,7 +11,6 @@ equations, and the gates (names and kinds) against what `gatedsl.check` reports.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

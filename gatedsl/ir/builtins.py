@@ -15,7 +15,7 @@ from gatedsl.frontend import ast
 from gatedsl.ir.graph import InitSpec
 from gatedsl.ir.ops import UNARY_FNS
 from gatedsl.ir.types import Dim, Sym, dim_mul, normalize_axis
-from gatedsl.ir.values import Builtin, Tensor, describe
+from gatedsl.ir.values import Tensor, describe
 
 if TYPE_CHECKING:
     from gatedsl.passes.elaborate import Elaborator

@@ -22,8 +22,8 @@ from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
 from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, InitSpec, ParamSpec
 from gatedsl.ir.model import Limits, ModelIR
-from gatedsl.ir.ops import REGISTRY, ScanAttrs
-from gatedsl.ir.types import Dim, Sym, TensorType, dim_div, dim_mul, show_shape
+from gatedsl.ir.ops import REGISTRY
+from gatedsl.ir.types import Dim, Sym, TensorType, dim_mul, show_shape
 from gatedsl.ir.values import Builtin, Tensor, describe
 from gatedsl.ir.reserved_names import safe_argument_name, safe_attribute_name
 
