@@ -248,6 +248,31 @@ model Prims(k: int = 2, eps: float = 0.001) {
   output r2 = reshape(r, [-1]) // k + full([k], 2.0)[0]
 }
 """,
+    "exits": """
+block Spread(x: [B, D], w: float = 0.1) {
+  aux spread = w * mean(x * x)
+  return x + noise_like(x)
+}
+
+model Exits(stages: int = 3, tau: float = 0.6, classes: int = 3) {
+  input x: [B, 5]
+  h = Spread(linear(x, 8))
+  parts = []
+  repeat i in 2 {
+    parts = parts + [h * (i + 1)]
+  }
+  a, b = parts
+  y, exit_at, ys, gs = cascade l in stages as stage {
+    h = h + relu(linear(h, 8))
+    logits = linear(h, classes)
+    gate g = sigmoid(linear(h, 1))
+    exit logits when g > tau + 0.1 * l
+  }
+  aux exits = mean(to_float(exit_at))
+  output out = y + to_float(unsqueeze(exit_at, -1)) + a[:, :classes] - b[:, :classes]
+  output gates = gs
+}
+""",
 }
 
 # --------------------------------------------------------------------------------------- tokens, lines
