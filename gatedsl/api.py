@@ -12,7 +12,7 @@ from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program, load_path, load_text
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.types import TensorType
-from gatedsl.passes import run_pipeline
+from gatedsl.passes import MAX_OPT_LEVEL, run_pipeline
 
 ShapeList = list[int | str]
 
@@ -72,11 +72,13 @@ def pick_model(program: Program, name: str | None) -> ast.Definition:
 
 
 def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None) -> ModelIR:
-    """Run the whole pipeline and return the compilation unit."""
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL) -> ModelIR:
+    """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit."""
+    if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= MAX_OPT_LEVEL:
+        raise ValueError(f"opt_level must be an int from 0 to {MAX_OPT_LEVEL}, got {opt_level!r}")
     program = load(spec)
     limits = Limits() if max_params is None else Limits(max_params=max_params)
-    unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits)
+    unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level)
     return run_pipeline(unit)
 
 
@@ -102,15 +104,19 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
 
 
 def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-          max_params: int | None = None, dims: dict[str, int] | None = None) -> Report:
+          max_params: int | None = None, dims: dict[str, int] | None = None,
+          opt_level: int = MAX_OPT_LEVEL) -> Report:
     """Validate a spec and report its shapes, parameter count, FLOPs and gates, allocating no weights."""
-    return report(analyse(spec, params, model=model, max_params=max_params), dims)
+    return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level), dims)
 
 
 def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None):
-    """Compile a spec to a trainable torch.fx.GraphModule."""
-    unit = analyse(spec, params, model=model, max_params=max_params)
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL):
+    """Compile a spec to a trainable torch.fx.GraphModule; opt_level 0 (-O0) skips every optimisation, 2 (default) runs all.
+
+    Every level computes the same function with the same state_dict keys and shapes, so checkpoints move between them.
+    """
+    unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level)
     from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
 
     gm = emit(unit)

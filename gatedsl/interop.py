@@ -16,7 +16,7 @@ def scanned_cells(module: fx.GraphModule) -> list[tuple[str, str, bool]]:
     """The cells `module` scans, in program order, as (submodule path, cell name, reversed)."""
     found = []
     for node in module.graph.nodes:
-        if node.op == "call_function" and node.target is runtime.scan:
+        if node.op == "call_function" and node.target in (runtime.scan, runtime.native_rnn):  # the same arguments 0 and 4
             cell_node, reverse = node.args[0], node.args[4]
             cell = module.get_submodule(cell_node.target)
             found.append((cell_node.target, type(cell).__name__, bool(reverse)))

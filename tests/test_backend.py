@@ -267,7 +267,11 @@ model M() {
 
 
 def test_generated_code_is_readable():
-    gm = gatedsl.compile(NET.replace("h = scan cell(h, H=d) over T", "h, h_last = scan cell(h, H=d) over T"))
+    spec = NET.replace("h = scan cell(h, H=d) over T", "h, h_last = scan cell(h, H=d) over T")
+    for m in gatedsl.compile(spec).modules():  # optimised code too
+        if isinstance(m, torch.fx.GraphModule):
+            assert not re.search(r"object at 0x|<[\w.]+ |<lambda>|<function", m.code), m.code
+    gm = gatedsl.compile(spec, opt_level=0)  # -O0: the code mirrors the spec statement by statement
     modules = [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
     assert len(modules) == 3  # the model and one scanned cell per layer
     for m in modules:
@@ -435,7 +439,7 @@ model M() {
     torch.testing.assert_close(got, torch.stack(outs, 1), **TOL)
     assert_same_grads(gm, [x, c], [got], [torch.stack(outs, 1)])
     code = gm.code
-    assert "('seq', 'const', 'state')" in code
+    assert "('seq', 'const', 'state'" in code  # then, optimised, the hoisted projections as sequences
 
 
 @pytest.mark.parametrize("decl,axis,time_dim,x_shape", [

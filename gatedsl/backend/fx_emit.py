@@ -214,7 +214,38 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
         em.fx.output(tuple(results))
     em.fx.lint()
     owner = root if not prefix else _module_at(root, prefix.rstrip("."))
-    return (CompiledModule if top else fx.GraphModule)(owner, em.fx, class_name=graph.name)
+    gm = (CompiledModule if top else fx.GraphModule)(owner, em.fx, class_name=graph.name)
+    if not top:
+        # fx copies only what the graph reads; a weight an optimisation moved out of the body
+        # (a hoisted input projection) stays here, at its path, so the state_dict is unchanged.
+        for name, param in owner.named_parameters():
+            if not _has_parameter(gm, name):
+                parent, leaf = _parent(gm, name)
+                parent.register_parameter(leaf, param)
+        _follow_order(gm, owner)  # declaration order, as at every opt level, not the order of first use
+    return gm
+
+
+def _follow_order(module: nn.Module, like: nn.Module) -> None:
+    """Reorder `module`'s parameters and sub-modules, recursively, as `like` has them."""
+    for attr in ("_parameters", "_modules"):
+        mine, theirs = getattr(module, attr), list(getattr(like, attr))
+        ordered = sorted(mine, key=lambda k: theirs.index(k) if k in theirs else len(theirs))
+        items = [(k, mine[k]) for k in ordered]
+        mine.clear()
+        mine.update(items)
+    for name, child in module._modules.items():
+        other = like._modules.get(name)
+        if child is not None and other is not None and other is not child:
+            _follow_order(child, other)
+
+
+def _has_parameter(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_parameter(path)
+    except AttributeError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------- lowerings
@@ -497,6 +528,10 @@ def _scan(em, data, args):
     body = _emit_graph(a.body, em.root, prefix=a.path + ".", top=False)
     _set_submodule(em.root, a.path, body)
     cell = em.fx.get_attr(em.rel(a.path))
+    if a.kernel != "loop":  # torch's fused GRU / LSTM on the cell's own weights, by their paths in the cell
+        weights = tuple(tuple(path[len(a.path) + 1:] for path in group) for group in a.weights)
+        return em.call(runtime.native_rnn, (cell, tuple(args), a.kernel, weights, a.reverse, a.last, a.axes[0]),
+                       name=data["name"])
     return em.call(runtime.scan, (cell, tuple(args), a.roles, a.axes, a.reverse, a.last), name=data["name"])
 
 

@@ -49,6 +49,35 @@ def scan(cell, args, roles, axes, reverse, last):
     return (torch.stack(outs, dim=min(axes[0], out.dim())), *states)
 
 
+def native_rnn(cell, args, kind, weights, reverse, last, axis):
+    """`scan(cell, args, ...)` for a cell that is exactly torch's GRU or LSTM (kind "gru" / "lstm"), on torch's fused kernel.
+
+    args are the sequence (steps at `axis`, any batch dims) then the states, (h,) or (h, c);
+    weights name the cell's parameters per group (input, state, input bias, state bias), each
+    in torch's gate order; the bias groups are empty for a cell without biases.
+    """
+    x, *states = args
+    steps = x.movedim(axis, 0)
+    batch = steps.shape[1:-1]
+    inputs = steps.reshape(steps.shape[0], -1, steps.shape[-1])
+    if reverse:
+        inputs = inputs.flip(0)
+    hx = [s.reshape(1, -1, s.shape[-1]) for s in states]
+    flat = [torch.cat([cell.get_parameter(name) for name in group]) for group in weights if group]
+    has_biases = len(flat) == 4
+    if kind == "gru":
+        out, *finals = torch._VF.gru(inputs, hx[0], flat, has_biases, 1, 0.0, True, False, False)
+    else:
+        out, *finals = torch._VF.lstm(inputs, tuple(hx), flat, has_biases, 1, 0.0, True, False, False)
+    finals = [f.reshape(*batch, f.shape[-1]) for f in finals]
+    if last:
+        return (finals[0], *finals)
+    if reverse:
+        out = out.flip(0)
+    out = out.reshape(out.shape[0], *batch, out.shape[-1])
+    return (out.movedim(0, min(axis, out.dim() - 1)), *finals)
+
+
 def early_exit(stages, args, roles, thresholds):
     """Early exit over a stack of stages, per sample (a row of the first dim).
 

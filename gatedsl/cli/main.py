@@ -1,4 +1,4 @@
-"""The `gatedsl` command: check, compile and graph; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
+"""The `gatedsl` command: check, compile, graph and bench; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="reject models with more learned elements than this (default 2**31)")
         p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
                        help="a size for a symbolic dim when counting FLOPs (default 1)")
+        p.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, metavar="LEVEL",
+                       help="optimisation level: -O0 none, -O1 recurrence lowering, -O2 all (the default)")
 
     p = sub.add_parser("check", help="validate specs without allocating weights")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     model_options(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.dot|.svg|.png")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("bench", help="time compiled specs against hand-written PyTorch (from a source checkout)")
+    from gatedsl.bench import add_arguments as bench_arguments  # argparse only; torch is imported when it runs
+
+    bench_arguments(p)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -115,7 +123,8 @@ def _check(args) -> int:
             if library is not None:
                 print(f"{file}: ok: {library}")
                 continue
-            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=dims)
+            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=dims,
+                        opt_level=args.opt_level)
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             failed += 1
@@ -145,7 +154,8 @@ def _compile(args) -> int:
         raise UsageError(f"no such file: {args.file}")
     if args.output and Path(args.output).suffix != ".py":
         raise UsageError(f"-o writes a Python module: give a path ending in .py, got {args.output}")
-    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params)
+    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+                   opt_level=args.opt_level)
     rep = report(unit, _dims(args.dim))
     from gatedsl.backend.fx_emit import emit
 
@@ -179,7 +189,8 @@ def _graph(args) -> int:
     out = Path(args.output)
     if out.suffix not in (".dot", ".svg", ".png"):
         raise UsageError(f"graph writes .dot, .svg or .png, got {out.name}")
-    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params)
+    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+                   opt_level=args.opt_level)
     try:
         write_graph(unit, out)
     except FileNotFoundError as err:  # Graphviz's `dot` is needed for .svg and .png
@@ -189,7 +200,19 @@ def _graph(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph}
+def _bench(args) -> int:
+    from gatedsl import bench
+
+    try:
+        bench.run(args)
+    except (ValueError, FileNotFoundError) as err:  # --repeats 0, an unsupported --opt-level, no checkout
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
+_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph, "bench": _bench}
 
 
 if __name__ == "__main__":

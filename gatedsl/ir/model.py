@@ -23,6 +23,7 @@ class ModelIR:
     model: ast.Definition
     overrides: dict[str, Any]
     limits: Limits = field(default_factory=Limits)
+    opt_level: int = 2  # -O: 0 runs the analysis passes only, higher levels add the optimisations
     # Filled by elaborate:
     graph: Graph | None = None
     parameters: dict[str, Any] = field(default_factory=dict)

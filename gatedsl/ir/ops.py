@@ -883,6 +883,10 @@ class ScanAttrs(Attrs):
     n_states: int = Field(ge=1)
     reverse: bool = False
     last: bool = False
+    # How it runs: "loop" steps the body; "gru" / "lstm" run torch's fused kernel (passes/native_rnn.py)
+    # with these weights, concatenated in torch's gate order: (input, state, input bias, state bias).
+    kernel: Literal["loop", "gru", "lstm"] = "loop"
+    weights: tuple[tuple[str, ...], ...] = ()
 
 
 def _scan_flops(a: ScanAttrs, ins, outs) -> Poly:

@@ -3,6 +3,8 @@
 from gatedsl.passes.count_flops import count_flops
 from gatedsl.passes.count_params import count_params
 from gatedsl.passes.elaborate import elaborate
+from gatedsl.passes.lower_recurrences import lower_recurrences
+from gatedsl.passes.native_rnn import native_rnn
 from gatedsl.passes.verify_graph import verify_graph
 
 PIPELINE = [
@@ -10,12 +12,23 @@ PIPELINE = [
     verify_graph,  # every node well-formed, every recorded type re-derivable
     count_params,  # learned elements per block; reject a model over the limit before allocation
     count_flops,  # FLOPs as a polynomial in the symbolic sizes
-    # Optimisation passes (gate fusion, recurrence lowering, kernel selection) slot in here;
-    # the backend reads only the graph, so each can rewrite it.
+    # Optimisations, each from the -O level OPTIMIZATIONS gives; they rewrite the graph the backend
+    # reads, never what the passes above reported (shapes, gates, counts) nor a learned tensor's path.
+    native_rnn,  # a scan of exactly torch's GRU or LSTM runs on torch's fused kernel
+    lower_recurrences,  # other scan bodies: input projections hoisted out of the loop, one product for all steps
+    verify_graph,  # the rewritten graph is as well-formed as the elaborated one
 ]
+
+OPTIMIZATIONS = {  # optimisation pass -> the least opt level (-O) at which it runs; every other pass always runs
+    lower_recurrences: 1,
+    native_rnn: 2,
+}
+
+MAX_OPT_LEVEL = 2
 
 
 def run_pipeline(unit):
     for compiler_pass in PIPELINE:
-        unit = compiler_pass(unit)
+        if OPTIMIZATIONS.get(compiler_pass, 0) <= unit.opt_level:
+            unit = compiler_pass(unit)
     return unit
