@@ -135,3 +135,36 @@ class Graph:
             if isinstance(body, Graph):
                 marks += body.gates()
         return marks
+
+
+_NODE_KEYS = ("op", "attrs", "inputs", "types", "span", "name", "gate")
+
+
+def copy_node(graph: Graph, data: dict[str, Any], attrs: BaseModel, inputs: list[Port]) -> int:
+    """Add a copy of node `data` (with new attrs and inputs, and any extra keys it carries) to `graph`."""
+    node = graph.add(data["op"], attrs, inputs, data["types"], data["span"], data["name"], data["gate"])
+    for key, value in data.items():
+        if key not in _NODE_KEYS:
+            graph.node(node)[key] = value
+    return node
+
+
+def rewrite_scans(graph: Graph, rewrite) -> Graph:
+    """A copy of `graph` where each scan node takes the (attrs, inputs) that `rewrite(new_graph, node, inputs)`
+    returns (it may add nodes before it); `graph` itself where it has no scan."""
+    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
+        return graph
+    out = Graph(graph.name, params=graph.params, modules=graph.modules)
+    ports: dict[Port, Port] = {}
+    for n in graph.order():
+        data = graph.node(n)
+        attrs, ins = data["attrs"], [ports[p] for p in data["inputs"]]
+        if data["op"] == "scan":
+            attrs, ins = rewrite(out, data, ins)
+        new = copy_node(out, data, attrs, ins)
+        for i in range(len(data["types"])):
+            ports[(n, i)] = (new, i)
+    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
+    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
+    out.aux = [(name, ports[p]) for name, p in graph.aux]
+    return out

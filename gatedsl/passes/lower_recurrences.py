@@ -8,11 +8,9 @@ constants. Results, learned tensors and their paths are unchanged; gate marks st
 
 from __future__ import annotations
 
-from gatedsl.ir.graph import Graph, Port
+from gatedsl.ir.graph import Graph, Port, copy_node, rewrite_scans
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import REGISTRY, InputAttrs, ScanAttrs
-
-_NODE_KEYS = ("op", "attrs", "inputs", "types", "span", "name", "gate")
 
 
 def lower_recurrences(unit: ModelIR) -> ModelIR:
@@ -22,32 +20,7 @@ def lower_recurrences(unit: ModelIR) -> ModelIR:
 
 def lower_graph(graph: Graph) -> Graph:
     """`graph` with every scan in it (and in scan bodies, recursively) lowered; the same graph where it has none."""
-    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
-        return graph
-    out = Graph(graph.name, params=graph.params, modules=graph.modules)
-    ports: dict[Port, Port] = {}
-    for n in graph.order():
-        data = graph.node(n)
-        ins = [ports[p] for p in data["inputs"]]
-        attrs = data["attrs"]
-        if data["op"] == "scan":
-            attrs, ins = _hoist(out, data, ins)
-        new = copy_node(out, data, attrs, ins)
-        for i in range(len(data["types"])):
-            ports[(n, i)] = (new, i)
-    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
-    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
-    out.aux = [(name, ports[p]) for name, p in graph.aux]
-    return out
-
-
-def copy_node(graph: Graph, data: dict, attrs, inputs: list[Port]) -> int:
-    """Add a copy of node `data` (with new attrs and inputs, and any extra keys it carries) to `graph`."""
-    node = graph.add(data["op"], attrs, inputs, data["types"], data["span"], data["name"], data["gate"])
-    for key, value in data.items():
-        if key not in _NODE_KEYS:
-            graph.node(node)[key] = value
-    return node
+    return rewrite_scans(graph, _hoist)
 
 
 def _invariant(body: Graph, a: ScanAttrs) -> dict[int, int | None]:

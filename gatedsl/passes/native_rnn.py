@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gatedsl.ir.graph import Graph, Port
+from gatedsl.ir.graph import Graph, Port, rewrite_scans
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import ScanAttrs
-from gatedsl.passes.lower_recurrences import copy_node
 
 # Templates, as torch computes them. ("lin", SRC, NAME): a projection of SRC whose weight (and bias)
 # binds to NAME; "x", "h", "c": the cell's inputs; add and mul match either operand order.
@@ -40,24 +39,16 @@ def native_rnn(unit: ModelIR) -> ModelIR:
 
 
 def _select(graph: Graph) -> Graph:
-    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
-        return graph
-    out = Graph(graph.name, params=graph.params, modules=graph.modules)
-    ports: dict[Port, Port] = {}
-    for n in graph.order():
-        data = graph.node(n)
-        attrs = data["attrs"]
-        if data["op"] == "scan":
-            native = recognise(attrs)
-            attrs = attrs.model_copy(update={"body": _select(attrs.body)} if native is None else
-                                     {"kernel": native[0], "weights": native[1]})
-        new = copy_node(out, data, attrs, [ports[p] for p in data["inputs"]])
-        for i in range(len(data["types"])):
-            ports[(n, i)] = (new, i)
-    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
-    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
-    out.aux = [(name, ports[p]) for name, p in graph.aux]
-    return out
+    return rewrite_scans(graph, _select_kernel)
+
+
+def _select_kernel(out: Graph, data: dict, inputs: list) -> tuple[ScanAttrs, list]:
+    """A scan's attrs with a native kernel where its body is torch's GRU or LSTM; else with its body's scans selected."""
+    attrs = data["attrs"]
+    native = recognise(attrs)
+    attrs = attrs.model_copy(update={"body": _select(attrs.body)} if native is None else
+                             {"kernel": native[0], "weights": native[1]})
+    return attrs, inputs
 
 
 def recognise(a: ScanAttrs) -> tuple[str, tuple[tuple[str, ...], ...]] | None:
