@@ -1051,6 +1051,8 @@ def _signature_dims(definition: ast.Definition) -> set[str]:
 
 
 def _find_axis(ttype: TensorType, axis: str | int | Sym) -> int | None:
+    """Where a scan's axis is in an argument: the one dim with that size name, or, for an integer axis,
+    that position in every argument of a high enough rank (so an integer axis leaves no constants)."""
     if isinstance(axis, int):
         rank = ttype.rank
         return axis % rank if -rank <= axis < rank else None
