@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 import torch.fx
 
-import gatedsl
-
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "gated_attention_transformer.gate"
-sys.path.insert(0, str(HERE))  # the shared text helpers and the SwiGLU example's training loop, beside this file
-from swiglu_transformer import train_language_model  # noqa: E402
-from text_data import CORPUS, continue_text, decode, encode, every_window, load_text, split_text  # noqa: E402
+sys.path.insert(0, str(HERE))  # the shared text helpers and the SwiGLU example's set-up and training loop, beside this file
+from swiglu_transformer import text_and_model, train_language_model  # noqa: E402
+from text_data import continue_text, decode, every_window, split_text  # noqa: E402
 
 
 class GateProbe(torch.fx.Interpreter):
@@ -60,13 +58,7 @@ def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, head
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        text, source = load_text(CORPUS)
-        ids, alphabet = encode(text)
-        print(f"text: {source}, {len(text):,} characters, {len(alphabet)} distinct")
-        model = gatedsl.compile(SPEC, params=dict(vocab=len(alphabet), context=context, d=d, layers=layers,
-                                                  heads=heads))
-        report = model.meta["gatedsl_report"]
-        print(f"{report.params:,} parameters; gates:", ", ".join(f"{g.name} ({g.kind})" for g in report.gates))
+        model, ids, alphabet = text_and_model(SPEC, context, d, layers, heads)
         held_out = split_text(ids)[1]
         eval_windows = every_window(held_out, context)
         before = gate_means(model, eval_windows)

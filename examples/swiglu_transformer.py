@@ -66,6 +66,17 @@ def train_language_model(model, ids: torch.Tensor, context: int, steps: int, bat
     return {"initial_loss": initial, "final_loss": final, "train_loss": loss.item()}
 
 
+def text_and_model(spec: Path, context: int, d: int, layers: int, heads: int):
+    """The text as ids, its alphabet, and `spec` compiled for that alphabet; prints what it loaded."""
+    text, source = load_text(CORPUS)
+    ids, alphabet = encode(text)
+    print(f"text: {source}, {len(text):,} characters, {len(alphabet)} distinct")
+    model = gatedsl.compile(spec, params=dict(vocab=len(alphabet), context=context, d=d, layers=layers, heads=heads))
+    report = model.meta["gatedsl_report"]
+    print(f"{report.params:,} parameters; gates:", ", ".join(f"{g.name} ({g.kind})" for g in report.gates))
+    return model, ids, alphabet
+
+
 def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, heads: int = 4, batch: int = 32,
          lr: float = 3e-3, log_every: int = 50, seed: int = 0) -> dict[str, float]:
     """Train for `steps` AdamW steps; returns the eval loss before and after, and the last train loss."""
@@ -74,13 +85,7 @@ def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, head
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        text, source = load_text(CORPUS)
-        ids, alphabet = encode(text)
-        print(f"text: {source}, {len(text):,} characters, {len(alphabet)} distinct")
-        model = gatedsl.compile(SPEC, params=dict(vocab=len(alphabet), context=context, d=d, layers=layers,
-                                                  heads=heads))
-        report = model.meta["gatedsl_report"]
-        print(f"{report.params:,} parameters; gates:", ", ".join(f"{g.name} ({g.kind})" for g in report.gates))
+        model, ids, alphabet = text_and_model(SPEC, context, d, layers, heads)
         result = train_language_model(model, ids, context, steps, batch, lr, log_every, seed)
         prompt = decode(split_text(ids)[1][:context], alphabet)  # the start of the held-out text
         print("sample:", repr(continue_text(model, prompt, alphabet, 80, context, temperature=1, seed=seed)))
