@@ -1,10 +1,10 @@
 """gatedsl: a declarative language and optimizing compiler for gated neural architectures."""
 
-from gatedsl.api import GateInfo, Report, aux_outputs, check, compile, example_inputs
+from gatedsl.api import GateInfo, Report, Target, aux_outputs, check, compile, example_inputs
 from gatedsl.errors import SpecError
 
 __version__ = "0.1.0"
-__all__ = ["SpecError", "Report", "GateInfo", "check", "compile", "example_inputs", "load_torch_rnn",
+__all__ = ["SpecError", "Report", "GateInfo", "Target", "check", "compile", "example_inputs", "load_torch_rnn",
            "aux_outputs", "__version__"]
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from gatedsl.errors import SpecError, Span
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program, load_path, load_text
-from gatedsl.ir.model import Limits, ModelIR
+from gatedsl.ir.model import Limits, ModelIR, Target
 from gatedsl.ir.types import TensorType
 from gatedsl.passes import MAX_OPT_LEVEL, run_pipeline
 
@@ -40,6 +40,7 @@ class Report(BaseModel):
     gates: list[GateInfo]
     shapes: dict[str, ShapeList]  # every named value, by instance path
     aux: dict[str, ShapeList] = {}  # `aux NAME = ...` values by instance path, as gatedsl.aux_outputs(model) gives them
+    kernels: list[dict[str, Any]] = []  # each fused op's and scan's implementation for the target, and why (--explain)
 
 
 def _shape(t: TensorType) -> ShapeList:
@@ -71,14 +72,25 @@ def pick_model(program: Program, name: str | None) -> ast.Definition:
     return main_models[0]
 
 
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL) -> ModelIR:
-    """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit."""
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None) -> ModelIR:
+    """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit.
+
+    `target` (device, dtype, training) is what the kernel choices in the report are made for;
+    the compiled module makes them again for each call's tensors."""
     if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= MAX_OPT_LEVEL:
         raise ValueError(f"opt_level must be an int from 0 to {MAX_OPT_LEVEL}, got {opt_level!r}")
+    target = target or Target()
+    if target.device not in _DEVICES or target.dtype not in _DTYPES:
+        raise ValueError(f"target device must be one of {_DEVICES} and dtype one of {_DTYPES}, got {target}")
     program = load(spec)
     limits = Limits() if max_params is None else Limits(max_params=max_params)
-    unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level)
+    unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level,
+                   target=target)
     return run_pipeline(unit)
 
 
@@ -100,23 +112,25 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
         gates=[GateInfo(**m.model_dump()) for m in g.gates()],
         shapes={k: _shape(t) for k, t in unit.shapes.items()},
         aux={name: _shape(g.type_of(port)) for name, port in g.aux},
+        kernels=[c.model_dump() for c in unit.kernels],
     )
 
 
 def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
           max_params: int | None = None, dims: dict[str, int] | None = None,
-          opt_level: int = MAX_OPT_LEVEL) -> Report:
-    """Validate a spec and report its shapes, parameter count, FLOPs and gates, allocating no weights."""
-    return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level), dims)
+          opt_level: int = MAX_OPT_LEVEL, target: Target | None = None) -> Report:
+    """Validate a spec and report its shapes, parameter count, FLOPs, gates and kernels, allocating no weights."""
+    return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target), dims)
 
 
 def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL):
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None):
     """Compile a spec to a trainable torch.fx.GraphModule; opt_level 0 (-O0) skips every optimisation, 2 (default) runs all.
 
     Every level computes the same function with the same state_dict keys and shapes, so checkpoints move between them.
+    `target` only sets what the report's kernel choices are made for: each fused op picks its kernel per call.
     """
-    unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level)
+    unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target)
     from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
 
     gm = emit(unit)
@@ -162,4 +176,4 @@ def _eval_sym(text: str, dims: dict[str, int]) -> int:
     return value
 
 
-__all__ = ["Report", "GateInfo", "check", "compile", "analyse", "example_inputs", "aux_outputs"]
+__all__ = ["Report", "GateInfo", "Target", "check", "compile", "analyse", "example_inputs", "aux_outputs"]

@@ -195,7 +195,8 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
     for n in graph.order():
         data = graph.node(n)
         args = [em.values[p] for p in data["inputs"]]
-        out = LOWERINGS[data["op"]](em, data, args)
+        lower = LOWERINGS.get(data["op"]) or _fused
+        out = lower(em, data, args)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         if len(data["types"]) > 1 and len(outs) == 1:
             named = data.get("out_names", {})
@@ -250,6 +251,15 @@ def _has_parameter(module: nn.Module, path: str) -> bool:
 
 # ------------------------------------------------------------- lowerings
 LOWERINGS: dict[str, Callable[[_Emitter, dict, list[fx.Node]], Any]] = {}
+
+
+def _fused(em, data, args):
+    """A fused op (gatedsl/kernels/catalog.py): one call of the registry's dispatch, which picks its kernel per call."""
+    from gatedsl.kernels.registry import dispatch, fused_ops
+
+    fused = fused_ops()[data["op"]]  # a KeyError here is an op the backend has no lowering for: a bug
+    a = data["attrs"]
+    return em.call(dispatch, (fused.name, a, fused.key(a), *args), name=data["name"])
 
 
 def lowering(op: str):

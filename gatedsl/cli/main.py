@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("-o", "--output", metavar="OUT.py", help="write a standalone PyTorch module and its weights")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--explain", action="store_true",
+                   help="show the kernel chosen for every fused op and scan, the candidates, and why")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="the device the kernel choices are made for (default cpu; the module re-chooses per call)")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                   help="the dtype the kernel choices are made for (default float32)")
+    p.add_argument("--inference", action="store_true", help="make the kernel choices for inference (no gradients)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("graph", help="draw the IR with shapes on the edges and gates highlighted")
@@ -154,8 +161,11 @@ def _compile(args) -> int:
         raise UsageError(f"no such file: {args.file}")
     if args.output and Path(args.output).suffix != ".py":
         raise UsageError(f"-o writes a Python module: give a path ending in .py, got {args.output}")
+    from gatedsl.ir.model import Target
+
+    target = Target(device=args.device, dtype=args.dtype, training=not args.inference)
     unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
-                   opt_level=args.opt_level)
+                   opt_level=args.opt_level, target=target)
     rep = report(unit, _dims(args.dim))
     from gatedsl.backend.fx_emit import emit
 
@@ -172,9 +182,11 @@ def _compile(args) -> int:
             summary["written"] = [str(p) for p in written]
         print(json.dumps(summary))
     else:
-        from gatedsl.cli.summary import print_summary
+        from gatedsl.cli.summary import print_kernels, print_summary
 
         print_summary(rep)
+        if args.explain:
+            print_kernels(rep)
         if written:
             print(f"wrote {written[0]} and its weights {written[1]}")
     return EXIT_OK

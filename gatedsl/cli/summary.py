@@ -56,3 +56,25 @@ def print_summary(rep: Report, console: Console | None = None) -> None:
         for name, shape in rep.aux.items():
             aux.add_row(name, _shape(shape))
         console.print(aux)
+
+
+def print_kernels(rep: Report, console: Console | None = None) -> None:
+    """`--explain`: for every fused op and scan, the kernel chosen for the target, why, and each candidate."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not rep.kernels:
+        console.print("kernels: no fused ops or scans in this model")
+        return
+    target = rep.kernels[0]["target"]
+    mode = "training" if target["training"] else "inference"
+    table = Table(title=f"kernels (for {target['device']}, {target['dtype']}, {mode}; "
+                        f"the module re-chooses for each call's tensors)", title_justify="left", show_edge=False)
+    table.add_column("op")
+    table.add_column("kernel")
+    table.add_column("why")
+    table.add_column("candidates")
+    for choice in rep.kernels:
+        others = "; ".join(f"{c['kernel']}: {c['why']}" if c["applies"] else f"{c['kernel']}: no, {c['why']}"
+                           for c in choice["candidates"])
+        table.add_row(f"{choice['node']}\n[dim]{choice['op']}[/dim]", f"[bold]{choice['kernel']}[/bold]",
+                      choice["reason"], others)
+    console.print(table)

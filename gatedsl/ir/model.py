@@ -17,6 +17,15 @@ class Limits:
     max_params: int = 2**31  # learned elements in the whole model
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the compiled model is meant to run: kernel selection reports its choices for this (and re-checks each call)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    training: bool = True
+
+
 @dataclass
 class ModelIR:
     program: Program
@@ -24,6 +33,7 @@ class ModelIR:
     overrides: dict[str, Any]
     limits: Limits = field(default_factory=Limits)
     opt_level: int = 2  # -O: 0 runs the analysis passes only, higher levels add the optimisations
+    target: Target = field(default_factory=Target)
     # Filled by elaborate:
     graph: Graph | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -32,3 +42,5 @@ class ModelIR:
     param_count: int = 0
     params_by_block: dict[str, int] = field(default_factory=dict)
     flops: Poly = field(default_factory=Poly)
+    # Filled by select_kernels: the implementation of every fused op and scan, and why (gatedsl.kernels.registry.Choice)
+    kernels: list[Any] = field(default_factory=list)

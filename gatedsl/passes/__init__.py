@@ -5,6 +5,7 @@ from gatedsl.passes.count_params import count_params
 from gatedsl.passes.elaborate import elaborate
 from gatedsl.passes.lower_recurrences import lower_recurrences
 from gatedsl.passes.native_rnn import native_rnn
+from gatedsl.passes.select_kernels import select_kernels
 from gatedsl.passes.verify_graph import verify_graph
 
 PIPELINE = [
@@ -16,6 +17,7 @@ PIPELINE = [
     # reads, never what the passes above reported (shapes, gates, counts) nor a learned tensor's path.
     native_rnn,  # a scan of exactly torch's GRU or LSTM runs on torch's fused kernel
     lower_recurrences,  # other scan bodies: input projections hoisted out of the loop, one product for all steps
+    select_kernels,  # every fused op and scan gets its implementation for the target, with the reason
     verify_graph,  # the rewritten graph is as well-formed as the elaborated one
 ]
 
