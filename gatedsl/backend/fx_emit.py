@@ -255,9 +255,10 @@ LOWERINGS: dict[str, Callable[[_Emitter, dict, list[fx.Node]], Any]] = {}
 
 def _fused(em, data, args):
     """A fused op (gatedsl/kernels/catalog.py): one call of the registry's dispatch, which picks its kernel per call."""
-    from gatedsl.kernels.registry import dispatch, fused_ops
+    from gatedsl.kernels.registry import dispatch, fused_ops, prepare
 
     fused = fused_ops()[data["op"]]  # a KeyError here is an op the backend has no lowering for: a bug
+    prepare(fused.name)
     a = data["attrs"]
     return em.call(dispatch, (fused.name, a, fused.key(a), *args), name=data["name"])
 

@@ -151,6 +151,7 @@ def choose(op: str, ctx: Context, node: str = "", measured: dict[str, float] | N
 _POLICY = {"mode": "cost"}  # "cost" or "measure"
 _CHOSEN: dict[tuple, Callable] = {}  # (op, config key, context) -> the loaded kernel function
 _LOADED: dict[str, Callable] = {}
+_PLAIN: dict[str, Callable] = {}  # op -> its plain kernel, loaded before torch.compile traces (it cannot trace imports)
 
 
 def policy(mode: str) -> None:
@@ -159,6 +160,12 @@ def policy(mode: str) -> None:
         raise ValueError(f"kernel policy must be 'cost' or 'measure', got {mode!r}")
     _POLICY["mode"] = mode
     _CHOSEN.clear()
+
+
+def prepare(op: str) -> None:
+    """Load `op`'s plain kernel now (the backend calls this as it emits the op), so tracing never imports."""
+    if op not in _PLAIN:
+        _PLAIN[op] = load(plain_kernel(op))
 
 
 def load(kernel: Kernel) -> Callable:
@@ -189,7 +196,7 @@ def dispatch(op: str, config: Any, config_key: str, *tensors):
     import torch
 
     if torch.compiler.is_compiling():
-        return load(plain_kernel(op))(config, *tensors)
+        return _PLAIN[op](config, *tensors)
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors]
     ctx = runtime_context(tensors, FUSED_OPS[op].sizes(config, shapes))
     key = (op, config_key, ctx)
