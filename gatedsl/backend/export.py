@@ -63,6 +63,11 @@ def export_standalone(gm: fx.GraphModule, out: Path, source: str) -> tuple[Path,
 
 
 def render(gm: fx.GraphModule, source: str, weights_name: str) -> str:
+    from gatedsl.kernels.registry import dispatch
+
+    if any(n.target is dispatch for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes):
+        raise ValueError("this module runs fused ops through gatedsl's kernels; compile it with "
+                         "gatedsl.api.analyse(..., standalone=True) to export it (`gatedsl compile -o` does)")
     model = type(gm).__name__
     stem = Path(weights_name).stem
     cells = [(path, m) for path, m in gm.named_modules() if path and isinstance(m, fx.GraphModule)]

@@ -164,8 +164,10 @@ def _compile(args) -> int:
     from gatedsl.ir.model import Target
 
     target = Target(device=args.device, dtype=args.dtype, training=not args.inference)
+    # An export must run with torch alone, so it is compiled without the passes whose fused ops
+    # need gatedsl's kernels; the summary (and --explain) then describe what was exported.
     unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
-                   opt_level=args.opt_level, target=target)
+                   opt_level=args.opt_level, target=target, standalone=bool(args.output))
     rep = report(unit, _dims(args.dim))
     from gatedsl.backend.fx_emit import emit
 
