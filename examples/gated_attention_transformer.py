@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+import gatedsl
 import torch.fx
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +46,12 @@ class GateProbe(torch.fx.Interpreter):
 def gate_means(model, windows: torch.Tensor) -> dict[str, float]:
     """The mean of every sigmoid gate over `windows`, by the gate's name in the spec."""
     names = [g.name for g in model.meta["gatedsl_report"].gates if g.kind == "sigmoid"]
-    probe = GateProbe(model)
+    # Read the gates off an -O0 twin with the same weights: there every spec statement is its own
+    # node, while -O2 fuses the gate math into larger ops (the same function, the same state dict).
+    twin = gatedsl.compile(SPEC, params=model.meta["gatedsl"]["parameters"], opt_level=0)
+    twin.load_state_dict(model.state_dict())
+    twin.train(model.training)
+    probe = GateProbe(twin)
     probe.run(windows[:, :-1])
     assert len(probe.values) == len(names), "every sigmoid in this model is a gate"
     return {name: value.mean().item() for name, value in zip(names, probe.values)}

@@ -5,7 +5,7 @@ from gatedsl.errors import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["SpecError", "Report", "GateInfo", "Target", "check", "compile", "example_inputs", "load_torch_rnn",
-           "aux_outputs", "__version__"]
+           "aux_outputs", "Space", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from gatedsl.interop import load_torch_rnn
 
         return load_torch_rnn
+    if name == "Space":  # on first use too: `import gatedsl` (and `gatedsl check`) loads nothing of the search
+        from gatedsl.search import Space
+
+        return Space
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

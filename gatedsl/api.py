@@ -47,8 +47,10 @@ def _shape(t: TensorType) -> ShapeList:
     return [d if isinstance(d, int) else str(d) for d in t.shape]
 
 
-def load(spec: str | Path) -> Program:
-    """Parse a spec given as a path or as source text, with its imports."""
+def load(spec: str | Path | Program) -> Program:
+    """Parse a spec given as a path or as source text, with its imports (a Program, already parsed, is used as is)."""
+    if isinstance(spec, Program):
+        return spec
     if isinstance(spec, Path):
         return load_path(spec)
     looks_like_path = "\n" not in spec and "{" not in spec and (spec.endswith(".gate") or Path(spec).is_file())
@@ -77,11 +79,13 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None) -> ModelIR:
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
+            standalone: bool = False) -> ModelIR:
     """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit.
 
     `target` (device, dtype, training) is what the kernel choices in the report are made for;
-    the compiled module makes them again for each call's tensors."""
+    the compiled module makes them again for each call's tensors. `standalone` leaves out the
+    passes whose fused ops need gatedsl at run time (for an export that needs only torch)."""
     if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= MAX_OPT_LEVEL:
         raise ValueError(f"opt_level must be an int from 0 to {MAX_OPT_LEVEL}, got {opt_level!r}")
     target = target or Target()
@@ -90,7 +94,7 @@ def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: st
     program = load(spec)
     limits = Limits() if max_params is None else Limits(max_params=max_params)
     unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level,
-                   target=target)
+                   target=target, standalone=standalone)
     return run_pipeline(unit)
 
 
@@ -124,13 +128,17 @@ def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str 
 
 
 def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
-            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None):
+            max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
+            standalone: bool = False):
     """Compile a spec to a trainable torch.fx.GraphModule; opt_level 0 (-O0) skips every optimisation, 2 (default) runs all.
 
     Every level computes the same function with the same state_dict keys and shapes, so checkpoints move between them.
     `target` only sets what the report's kernel choices are made for: each fused op picks its kernel per call.
+    `standalone=True` leaves out the passes whose fused ops need gatedsl at run time, so that
+    gatedsl.backend.export.export_standalone can write the module as code that needs only torch.
     """
-    unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target)
+    unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target,
+                   standalone=standalone)
     from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
 
     gm = emit(unit)

@@ -446,7 +446,15 @@ def test_standalone_export_runs_the_cascade(tmp_path):
 
     from gatedsl.backend.export import export_standalone
 
-    gm = compile_net({"stages": 3}, seed=19, gate_scale=4.0)
+    with pytest.raises(ValueError, match="standalone=True"):  # -O2's fused ops need gatedsl's kernels
+        export_standalone(compile_net({"stages": 3}), tmp_path / "fused.py", "Net")
+    assert not (tmp_path / "fused.py").exists()
+    torch.manual_seed(19)
+    gm = gatedsl.compile(NET, {"stages": 3}, standalone=True).double()
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if ".g.h_proj." in name:
+                p.mul_(4.0)
     out, _ = export_standalone(gm, tmp_path / "net.py", "Net")
     spec = importlib.util.spec_from_file_location("exported_net", out)
     module = importlib.util.module_from_spec(spec)

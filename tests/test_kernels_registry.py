@@ -168,3 +168,14 @@ def test_under_torch_compile_the_plain_kernel_runs(scale_op):
         out = run(x)
     assert torch.equal(out, x * 2)
     assert scale_op and set(scale_op) == {"plain"}  # not fast64, which the cost rule would pick for float64
+
+
+def test_measuring_in_training_leaves_the_models_gradients_alone(scale_op, tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEDSL_CACHE_DIR", str(tmp_path))
+    registry.policy("measure")
+    weight = torch.nn.Parameter(torch.tensor(2.0))  # a learned tensor the kernel reads, as an expert's weights are
+    x = torch.randn(16, requires_grad=True)
+    out = registry.dispatch(OP, weight, "w", x)
+    assert weight.grad is None and x.grad is None  # the timing runs took gradients of their own copies only
+    out.sum().backward()
+    assert torch.equal(weight.grad, x.detach().sum()) and torch.equal(x.grad, torch.full((16,), 2.0))

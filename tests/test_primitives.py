@@ -1268,6 +1268,7 @@ def test_every_builtin_is_exercised():
         "min", "prod", "logsumexp", "cumsum", "cumprod", "attention", "embedding", "one_hot", "dropout",
         "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
         "noise_like",  # tested in tests/test_aux.py
+        "param_count", "flop_count",  # budgets, tested in tests/test_search_space.py
         # static helpers, tested below
         "int", "round", "ceil", "floor", "round_up",
     }

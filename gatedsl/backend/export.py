@@ -63,11 +63,13 @@ def export_standalone(gm: fx.GraphModule, out: Path, source: str) -> tuple[Path,
 
 
 def render(gm: fx.GraphModule, source: str, weights_name: str) -> str:
-    from gatedsl.kernels.registry import dispatch
-
-    if any(n.target is dispatch for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes):
-        raise ValueError("this module runs fused ops through gatedsl's kernels; compile it with "
-                         "gatedsl.api.analyse(..., standalone=True) to export it (`gatedsl compile -o` does)")
+    needs_gatedsl = sorted({getattr(n.target, "__qualname__", str(n.target))
+                            for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
+                            if n.op == "call_function" and getattr(n.target, "__module__", "").startswith("gatedsl")
+                            and getattr(n.target, "__module__", "") != runtime.__name__})
+    if needs_gatedsl:  # fused ops run through gatedsl's kernels, which the file would not have
+        raise ValueError(f"this module calls gatedsl at run time ({', '.join(needs_gatedsl)}); compile it with "
+                         f"gatedsl.compile(..., standalone=True) to export it (`gatedsl compile -o` does)")
     model = type(gm).__name__
     stem = Path(weights_name).stem
     cells = [(path, m) for path, m in gm.named_modules() if path and isinstance(m, fx.GraphModule)]

@@ -260,7 +260,13 @@ def _fused(em, data, args):
     fused = fused_ops()[data["op"]]  # a KeyError here is an op the backend has no lowering for: a bug
     prepare(fused.name)
     a = data["attrs"]
-    return em.call(dispatch, (fused.name, a, fused.key(a), *args), name=data["name"])
+    key = fused.key(a)
+
+    def run(*tensors):  # the attrs ride in the closure: fx's generated code cannot spell a pydantic model
+        return dispatch(fused.name, a, key, *tensors)
+
+    run.__name__ = run.__qualname__ = fused.name
+    return em.call(run, tuple(args), name=data["name"])
 
 
 def lowering(op: str):
@@ -556,3 +562,26 @@ def _cascade(em, data, args):
         _set_submodule(em.root, stage.path, _emit_graph(stage.body, em.root, prefix=stage.path + ".", top=False))
         stages.append(em.fx.get_attr(em.rel(stage.path)))
     return em.call(runtime.early_exit, (tuple(stages), tuple(args), a.roles, a.thresholds), name=data["name"])
+
+
+@lowering("moe_dispatch")
+def _moe_dispatch(em, data, args):
+    # Each expert becomes its own sub-module at its path, where its weights already are (the state
+    # dict is unchanged); the registry's kernel runs them on every token or each on its own tokens.
+    from gatedsl.ir.ops import moe_experts
+    from gatedsl.kernels.registry import dispatch, fused_ops, prepare
+
+    a = data["attrs"]
+    fused = fused_ops()["moe_dispatch"]
+    prepare(fused.name)
+    key = fused.key(a)
+    experts = []
+    for expert in moe_experts(a):
+        _set_submodule(em.root, expert.path, _emit_graph(expert.body, em.root, prefix=expert.path + ".", top=False))
+        experts.append(em.fx.get_attr(em.rel(expert.path)))
+
+    def moe_dispatch(x, g, base, *modules):  # the attrs ride in the closure: fx's generated code cannot spell them
+        return dispatch(fused.name, a, key, x, g, base, *modules)
+
+    x, g, *base = args
+    return em.call(moe_dispatch, (x, g, base[0] if base else None, *experts), name=data["name"])

@@ -15,31 +15,26 @@ def scan(cell, args, roles, axes, reverse, last):
 
     Returns (outputs, *final_states): outputs stacked at the scanned axis, or the last step's.
     """
-    seqs = [a for a, r in zip(args, roles) if r == "seq"]
-    states = [a for a, r in zip(args, roles) if r == "state"]
-    length = seqs[0].shape[axes[0]]
+    seq_at = [i for i, r in enumerate(roles) if r == "seq"]
+    state_at = [i for i, r in enumerate(roles) if r == "state"]
+    length = args[seq_at[0]].shape[axes[0]]
     if length == 0:
         raise ValueError("scan over an empty axis")
     steps = range(length - 1, -1, -1) if reverse else range(length)
     # Slice each sequence once: unbind's backward is one stack, where a select per step would
     # build a full-size zero gradient per step (quadratic in the length).
-    slices = [s.unbind(axis) for s, axis in zip(seqs, axes)]
+    slices = [args[i].unbind(axis) for i, axis in zip(seq_at, axes)]
+    # One step's arguments, updated in place: the constants stay, the slices and the states change.
+    step_args = list(args)
+    states = [args[i] for i in state_at]
     outs = []
     out = None
     for t in steps:
-        seq_i = 0
-        state_i = 0
-        step_args = []
-        for arg, role in zip(args, roles):
-            if role == "seq":
-                step_args.append(slices[seq_i][t])
-                seq_i += 1
-            elif role == "const":
-                step_args.append(arg)
-            else:
-                step_args.append(states[state_i])
-                state_i += 1
+        for i, sliced in zip(seq_at, slices):
+            step_args[i] = sliced[t]
         out, *states = cell(*step_args)
+        for i, state in zip(state_at, states):
+            step_args[i] = state
         if not last:
             outs.append(out)
     if last:

@@ -1,4 +1,4 @@
-"""The `gatedsl` command: check, compile, graph and bench; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
+"""The `gatedsl` command: check, compile, graph, bench and search; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     from gatedsl.bench import add_arguments as bench_arguments  # argparse only; torch is imported when it runs
 
     bench_arguments(p)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("search", help="search a spec's parameter space with Optuna: leaderboard, Pareto plot")
+    from gatedsl.cli.search import add_arguments as search_arguments  # argparse only; optuna loads when it runs
+
+    search_arguments(p)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -226,7 +232,13 @@ def _bench(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph, "bench": _bench}
+def _search(args) -> int:
+    from gatedsl.cli.search import run
+
+    return run(args)
+
+
+_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph, "bench": _bench, "search": _search}
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class _Loader:
         self.loaded.add(stack[-1])
         self.program.files.append(module.file)
         for imp in module.imports:
-            path = self._resolve(imp, module.file)
+            path = resolve_import(imp, module.file)
             key = _key(str(path))
             if key in stack:
                 chain = " -> ".join(Path(k).name for k in stack[stack.index(key):] + [key])
@@ -76,21 +76,23 @@ class _Loader:
                 )
             self.program.definitions[definition.name] = definition
 
-    def _resolve(self, imp: ast.Import, importer: str) -> Path:
-        if imp.quoted:
-            base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
-            path = base / imp.module
+
+def resolve_import(imp: ast.Import, importer: str) -> Path:
+    """The file an import names, beside the importing file (or the working directory for text)."""
+    if imp.quoted:
+        base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
+        path = base / imp.module
+    else:
+        parts = imp.module.split(".")
+        if parts[0] == "std":
+            path = stdlib_dir().joinpath(*parts[1:]).with_suffix(".gate")
         else:
-            parts = imp.module.split(".")
-            if parts[0] == "std":
-                path = stdlib_dir().joinpath(*parts[1:]).with_suffix(".gate")
-            else:
-                base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
-                path = base.joinpath(*parts).with_suffix(".gate")
-        if not path.is_file():
-            hint = None
-            if not imp.quoted and imp.module.startswith("std"):
-                names = sorted(p.stem for p in stdlib_dir().glob("*.gate"))
-                hint = "the standard library has: " + ", ".join(f"std.{n}" for n in names)
-            raise SpecImportError(f"cannot find '{imp.module}' (looked for {path})", imp.span, help=hint)
-        return path
+            base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
+            path = base.joinpath(*parts).with_suffix(".gate")
+    if not path.is_file():
+        hint = None
+        if not imp.quoted and imp.module.startswith("std"):
+            names = sorted(p.stem for p in stdlib_dir().glob("*.gate"))
+            hint = "the standard library has: " + ", ".join(f"std.{n}" for n in names)
+        raise SpecImportError(f"cannot find '{imp.module}' (looked for {path})", imp.span, help=hint)
+    return path

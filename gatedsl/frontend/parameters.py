@@ -43,6 +43,13 @@ def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: di
     return bound
 
 
+def override_value(el: "Elaborator", p: ast.Param, value: Any) -> Any:
+    """One override as the model binds it: text read as for `-p NAME=VALUE`, then checked against the domain."""
+    from gatedsl.passes.elaborate import check_value_param
+
+    return check_value_param(el, p, _static_value(_from_user(el, p, value), p), p.span)
+
+
 def _static_value(value: Any, p: ast.Param) -> Any:
     """An override must be a value a spec could have written: a finite number, a bool, a string, a block, or a
     list of those; anything else (None, a dict, a tensor, NaN) is rejected here rather than deep in elaboration."""
@@ -64,6 +71,8 @@ def _from_user(el: "Elaborator", p: ast.Param, value: Any) -> Any:
         return value
     text = value.strip()
     kind = p.value_type.kind if p.value_type else None
+    if kind == "choice" and any(isinstance(c, ast.String) and c.value == text for c in p.value_type.choices):
+        return text  # a string choice stays a string, even "1" or "true"
     if text in ("true", "false", "True", "False") and kind in (None, "bool", "choice"):
         return text.lower() == "true"
     for convert in (int, float):

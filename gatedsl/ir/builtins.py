@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from gatedsl.errors import Note, Span, SpecTypeError
+from gatedsl.errors import Note, Span, SpecError, SpecTypeError
 from gatedsl.frontend import ast
 from gatedsl.ir.graph import InitSpec
 from gatedsl.ir.ops import UNARY_FNS
@@ -792,6 +792,57 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 _static("round_up", _round_up, Arg("value", "int"), Arg("multiple", "int"))
+
+
+# ------------------------------------------------------------- budgets
+# The whole model's counts, known only after the counting passes: passes/check_budgets.py evaluates the
+# model-level `require`s that read them (el.counted is the counted unit there, None during elaboration).
+BUDGETS = ("param_count", "flop_count")
+
+
+def _counted(el: "Elaborator", call: ast.Call, name: str):
+    if el.counted is None:
+        raise SpecError(f"{name}() is known only once the whole model is built", call.span,
+                        help="use it in a `require` at the top level of a model, e.g. "
+                             "`require param_count() <= 1_000_000` or `require flop_count(B=1, T=64) <= 5e8`")
+    return el.counted
+
+
+@builtin("param_count")
+def _param_count(el, call, a):
+    """The model's learned elements, as `gatedsl check` counts them."""
+    return _counted(el, call, "param_count").param_count
+
+
+def _flop_count(el: "Elaborator", call: ast.Call) -> int:
+    """The model's FLOPs with every symbolic size given by keyword: flop_count(B=1, T=64)."""
+    unit = _counted(el, call, "flop_count")
+    if call.args:
+        raise SpecTypeError("flop_count takes the symbolic sizes by name: flop_count(B=1, T=64)", call.args[0].span)
+    needed = sorted({f for factors in unit.flops.terms for f in factors})
+    graph = unit.graph
+    known = set(needed) | {f for _, n in graph.inputs for d in graph.node(n)["attrs"].type.shape
+                           if isinstance(d, Sym) for f in d.factors}
+    sizes = {}
+    for kw in call.kwargs:
+        if kw.name not in known:
+            raise SpecTypeError(f"flop_count: the model has no symbolic size '{kw.name}'", kw.span,
+                                help="its sizes: " + (", ".join(sorted(known)) or "none"))
+        if kw.name in sizes:
+            raise SpecTypeError(f"flop_count: size '{kw.name}' is given twice", kw.span)
+        size = el.as_int(el.eval(kw.value), kw.value.span, f"flop_count's size {kw.name}")
+        if size <= 0:
+            raise SpecTypeError(f"flop_count: size {kw.name} must be positive, got {size}", kw.value.span)
+        sizes[kw.name] = size
+    missing = [name for name in needed if name not in sizes]
+    if missing:
+        raise SpecTypeError(f"flop_count needs a size for {', '.join(missing)}", call.span,
+                            help="flop_count(" + ", ".join(f"{n}=..." for n in needed) + ")")
+    return unit.flops.evaluate(sizes)
+
+
+_flop_count.spec = ()
+BUILTINS["flop_count"] = _flop_count
 
 
 def builtin_names() -> list[str]:

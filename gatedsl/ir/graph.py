@@ -112,7 +112,8 @@ class Graph:
         """Scanned cell bodies, recursively."""
         out = []
         for n in self.order():
-            body = getattr(self.g.nodes[n]["attrs"], "body", None)
+            # The field read directly: getattr of a field an op's attrs lack takes pydantic's slow miss path.
+            body = self.g.nodes[n]["attrs"].__dict__.get("body")
             if isinstance(body, Graph):
                 out.append(body)
                 out += body.subgraphs()

@@ -34,10 +34,13 @@ class ModelIR:
     limits: Limits = field(default_factory=Limits)
     opt_level: int = 2  # -O: 0 runs the analysis passes only, higher levels add the optimisations
     target: Target = field(default_factory=Target)
+    standalone: bool = False  # for `-o`: no pass that leaves ops needing gatedsl's kernels at run time
     # Filled by elaborate:
     graph: Graph | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, TensorType] = field(default_factory=dict)
+    # model-level `require`s that read param_count()/flop_count(), each with the names bound where it stands
+    budget_requires: list[tuple[ast.Require, dict[str, Any]]] = field(default_factory=list)
     # Filled by the counting passes:
     param_count: int = 0
     params_by_block: dict[str, int] = field(default_factory=dict)

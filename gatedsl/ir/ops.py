@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -974,3 +975,284 @@ def _cascade(a: CascadeAttrs, ins):
     samples = gate.shape[0]
     return [head, TensorType((samples,), "int"), TensorType((len(stages),) + head.shape, head.dtype),
             TensorType((len(stages), samples), gate.dtype), *carried]
+
+
+# ------------------------------------------------------- expert routing
+class MoeExpertAttrs(Attrs):
+    """One expert of a moe_dispatch: `body` maps the tokens x to its output, row by row; its weights live under `path`."""
+
+    path: str
+    body: Any  # gatedsl.ir.graph.Graph
+
+
+def _expert_flops(a: MoeExpertAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops
+
+    return graph_flops(a.body)
+
+
+@op("moe_expert", MoeExpertAttrs, flops=_expert_flops)
+def _moe_expert(a: MoeExpertAttrs, ins):
+    return [a.body.type_of(port) for _, port in a.body.outputs]
+
+
+class MoeDispatchAttrs(Attrs):
+    """y = base + Σ_i g[..., columns[i]] ⊙ E_i(x) (passes/route_experts.py), run densely or by routing each token to its experts.
+
+    `body` holds the experts as a graph: the input x, then one moe_expert node per expert, in the
+    order the spec added them; `columns` says which gate entry weights each. `active` is how many
+    experts each token uses as the gate's form says (k for a top-k, all for a softmax), None where
+    only each call's gate tells; the kernels' cost rule reads it.
+    """
+
+    path: str  # where the experts live (their common instance path), for --explain
+    body: Any  # gatedsl.ir.graph.Graph
+    columns: tuple[int, ...]
+    active: int | None = Field(default=None, gt=0)
+    flops_per_token: int = Field(ge=0)  # one expert on one token, the mean over the experts
+
+
+def moe_experts(a: MoeDispatchAttrs) -> list[MoeExpertAttrs]:
+    return [a.body.node(n)["attrs"] for n in a.body.order() if a.body.node(n)["op"] == "moe_expert"]
+
+
+def _dispatch_flops(a: MoeDispatchAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops
+
+    return graph_flops(a.body) + Poly.numel(outs[0].shape) * (2 * len(moe_experts(a)))  # weight and add each
+
+
+@op("moe_dispatch", MoeDispatchAttrs, flops=_dispatch_flops)
+def _moe_dispatch(a: MoeDispatchAttrs, ins):
+    x, g, *base = ins  # base: the sum so far (absent where the mixture starts the sum)
+    experts = moe_experts(a)
+    _float(g, "moe_dispatch gate")
+    if g.shape != x.shape[:-1] + (len(experts),):
+        raise ShapeError(f"moe_dispatch: a gate {show_shape(g.shape)} for {len(experts)} experts over tokens "
+                         f"{show_shape(x.shape)}")
+    if sorted(a.columns) != list(range(len(experts))) or len(a.columns) != len(experts):
+        raise ShapeError("moe_dispatch: each gate entry weights exactly one expert")
+    results = {e.body.type_of(port) for e in experts for _, port in e.body.outputs}
+    if len(results) != 1 or (base and base[0] not in results):
+        raise ShapeError(f"moe_dispatch: the experts give {sorted(map(str, results))}, the sum so far is "
+                         f"{base[0] if base else 'nothing'}")
+    return list(results)
+
+
+# ------------------------------------------------------------ gate chains
+class GateChainAttrs(Attrs):
+    """A chain of element-wise gate math run as one op (passes/fuse_gate_chains.py): a small program.
+
+    `steps` in topological order, each (fn, operand values, constants); value i < n_inputs is
+    input i, value n_inputs + k is step k's result; the op returns the values in `outputs`.
+    gatedsl/kernels/gate_chain/program.py defines the fns and their derivatives."""
+
+    n_inputs: int = Field(ge=1)
+    steps: tuple[tuple[str, tuple[int, ...], tuple[float | int | bool | None, ...]], ...]
+    outputs: tuple[int, ...]
+
+    @cached_property
+    def program(self):
+        from gatedsl.kernels.gate_chain.program import Program
+
+        return Program(self.n_inputs, self.steps, self.outputs)
+
+    @cached_property
+    def text(self) -> str:
+        from gatedsl.kernels.gate_chain.program import text
+
+        return text(self.program)
+
+
+def _gate_chain_flops(a: GateChainAttrs, ins, outs) -> Poly:
+    return Poly.numel(outs[0].shape) * sum(1 for fn, _, _ in a.steps if fn != "const")
+
+
+@op("gate_chain", GateChainAttrs, flops=_gate_chain_flops)
+def _gate_chain(a: GateChainAttrs, ins):
+    from gatedsl.kernels.gate_chain.program import shapes, validate
+
+    if any(t.dtype == "int" for t in ins):
+        raise ShapeError("a gate chain takes float tensors (and bool conditions), not int ones")
+    problem = validate(a.program, tuple(t.dtype for t in ins))
+    if problem is not None:
+        raise ShapeError(f"malformed gate chain: {problem}")
+    values = shapes(a.program, [t.shape for t in ins], broadcast)
+    full: Shape | None = ()
+    for t in ins:
+        full = broadcast(full, t.shape) if full is not None else None
+    if full is None or values[-1] is None:
+        raise ShapeError(f"gate chain operands do not broadcast: {', '.join(show_shape(t.shape) for t in ins)}")
+    for o in a.outputs:
+        if values[o] != full:
+            raise ShapeError(f"a gate chain's outputs have the shape of all its operands together, "
+                             f"{show_shape(full)}; {show_shape(values[o])} is smaller")
+    return [TensorType(full) for _ in a.outputs]
+
+
+# ------------------------------------------------------- linear scans
+class LinearScanAttrs(Attrs):
+    """S_t = a_t ⊙ S_{t−1} + b_t, read out every step: a scan passes/parallel_scan.py found linear in its one state.
+
+    Inputs, each with a leading time axis (of size 1 where it is the same at every step): the
+    decay a_t (its log where `log_decay`), at the state's rank and broadcasting to it; the drive
+    (k_t and v_t of b_t = k_tᵀ v_t where `drive` is "outer", the state being [*, K, V]; else b_t
+    itself); the readout's other operand x_t where there is a readout; then the initial state S_0.
+    Each step emits S_t ("none"), einsum(equation, S_t, x_t) or S_t ⊙ x_t; the results are the
+    emitted values stacked on a leading time axis (the last one where `last`) and the final state.
+    """
+
+    cell: str
+    path: str  # the scan's instance path, for --explain
+    body: Any  # the cell it replaces (gatedsl.ir.graph.Graph), never run: its weights and gate marks stay declared there
+    log_decay: bool
+    drive: Literal["outer", "given"]
+    readout: Literal["none", "einsum", "mul"]
+    equation: str = ""  # the readout einsum of one step, the state's operand first
+    key_readout: bool = False  # the readout is o_t = q_t S_t over the key dim of a [*, K, V] state
+    reverse: bool = False
+    last: bool = False
+
+
+def linear_scan_parts(a: LinearScanAttrs, ins: list) -> tuple[Any, list, Any, Any]:
+    """(decay, drive inputs, readout operand or None, initial state) of a linear_scan's inputs."""
+    n_drive = 2 if a.drive == "outer" else 1
+    if len(ins) != 2 + n_drive + (a.readout != "none"):
+        raise ShapeError(f"linear_scan with a {a.drive} drive and readout {a.readout} takes "
+                         f"{2 + n_drive + (a.readout != 'none')} inputs, got {len(ins)}")
+    return ins[0], list(ins[1:1 + n_drive]), ins[1 + n_drive] if a.readout != "none" else None, ins[-1]
+
+
+def _linear_scan_flops(a: LinearScanAttrs, ins, outs) -> Poly:
+    from gatedsl.passes.count_flops import graph_flops  # the cell's own count, once per step
+
+    return graph_flops(a.body) * Poly.of(max((t.shape[0] for t in ins[:-1]), key=lambda d: d != 1))
+
+
+@op("linear_scan", LinearScanAttrs, flops=_linear_scan_flops)
+def _linear_scan(a: LinearScanAttrs, ins):
+    decay, drive, operand, state = linear_scan_parts(a, ins)
+    for t in ins:
+        _float(t, "linear_scan")
+    ss = state.shape
+    lengths = {t.shape[0] for t in ins[:-1] if t.rank} - {1}
+    if len(lengths) > 1 or any(t.rank == 0 for t in ins[:-1]):
+        raise ShapeError(f"linear_scan's per-step inputs need one time axis in front, got "
+                         f"{', '.join(show_shape(t.shape) for t in ins[:-1])}")
+    length = lengths.pop() if lengths else 1
+    if decay.rank != len(ss) + 1 or broadcast(decay.shape[1:], ss) != ss:
+        raise ShapeError(f"linear_scan: a decay {show_shape(decay.shape)} for a state {show_shape(ss)}")
+    if a.drive == "outer":
+        k, v = drive
+        if len(ss) < 2 or k.shape[1:] != ss[:-1] or v.shape[1:] != ss[:-2] + ss[-1:]:
+            raise ShapeError(f"linear_scan: k {show_shape(k.shape)} and v {show_shape(v.shape)} do not make "
+                             f"a state {show_shape(ss)}")
+    elif drive[0].shape[1:] != ss:
+        raise ShapeError(f"linear_scan: a drive {show_shape(drive[0].shape)} for a state {show_shape(ss)}")
+    if a.readout == "none":
+        step = state
+    elif a.readout == "mul":
+        if operand.rank != len(ss) + 1 or broadcast(operand.shape[1:], ss) is None:
+            raise ShapeError(f"linear_scan: a readout operand {show_shape(operand.shape)} for {show_shape(ss)}")
+        step = TensorType(broadcast(operand.shape[1:], ss))
+    else:
+        step = _einsum(EinsumAttrs(equation=a.equation), [state, TensorType(operand.shape[1:])])[0]
+    out = step if a.last else TensorType((length,) + step.shape)
+    return [out, state]
+
+
+# ------------------------------------------------------ delta rule scan
+class DeltaRuleScanAttrs(Attrs):
+    """The gated delta rule over a whole sequence (passes/chunk_delta_rule.py; GATES.md §5), from a scan of `cell`.
+
+    Inputs: q, k [*, T, K], v [*, T, V], then the gate [*, T] unless gate == "none" (α_t, or log α_t
+    where "log"), then β [*, T] where beta, then the state before the first step [*, V, K]. Outputs:
+    o [*, T, V] (o_t = S_t q_t) and the final state [*, V, K].
+    """
+
+    cell: str
+    path: str
+    body: Any  # the scanned cell's step graph: it still declares the cell's learned tensors and gate marks; not run
+    gate: Literal["none", "alpha", "log"]
+    beta: bool
+
+
+def _delta_rule_flops(a: DeltaRuleScanAttrs, ins, outs) -> Poly:
+    q, state = ins[0], ins[-1]
+    # Per step, as the cell computes it: S k, the two outer products and the update, and S q.
+    return Poly.numel(q.shape[:-1]) * Poly.of(dim_mul(state.shape[-2], state.shape[-1])) * 8
+
+
+@op("delta_rule_scan", DeltaRuleScanAttrs, flops=_delta_rule_flops)
+def _delta_rule_scan(a: DeltaRuleScanAttrs, ins):
+    expected = 4 + (a.gate != "none") + a.beta
+    if len(ins) != expected:
+        raise ShapeError(f"delta_rule_scan takes {expected} inputs, got {len(ins)}")
+    q, k, v, *rest = ins
+    state = rest[-1]
+    for t in ins:
+        _float(t, "delta_rule_scan")
+    steps = q.shape[:-1]  # [*, T]
+    well_formed = q.rank >= 2 and k.shape == q.shape and v.shape[:-1] == steps \
+        and state.shape == q.shape[:-2] + v.shape[-1:] + q.shape[-1:] and all(t.shape == steps for t in rest[:-1])
+    if not well_formed:
+        raise ShapeError(f"delta_rule_scan: q, k [*, T, K], v [*, T, V], gates [*, T], state [*, V, K]; got "
+                         f"{', '.join(show_shape(t.shape) for t in ins)}")
+    return [TensorType(steps + v.shape[-1:]), state]
+
+
+# ------------------------------------------------------ projection groups
+class ProjectionGroupAttrs(Attrs):
+    """Projections of one tensor x run as one op (passes/fuse_projections.py): output j is x W_jᵀ + b_j (+ its addend).
+
+    Inputs: x; each projection's weight [out_j, in] in output order, then the biases of those that
+    have one; or, `packed`, the weights concatenated [Σ out, in] (built once per call, before the
+    loop that runs this op), with `transposed` the same transposed [in, Σ out] (row-major: a faster
+    right operand for a product of few rows), and, where any projection has a bias, the biases
+    concatenated [Σ out], zero where a projection has none; with `addend`, a last input [*, Σ out]
+    added to the products.
+    """
+
+    in_features: int = Field(gt=0)
+    out_features: tuple[int, ...]
+    biases: tuple[bool, ...]  # per projection: whether it has a bias
+    weights: tuple[str, ...]  # the projections' weight paths, for --explain (the tensors are inputs)
+    packed: bool = False
+    transposed: bool = False
+    addend: bool = False
+
+    @field_validator("out_features")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(o <= 0 for o in v):
+            raise ValueError("a projection group has projections of positive widths")
+        return v
+
+
+def _projection_group_flops(a: ProjectionGroupAttrs, ins, outs) -> Poly:
+    width = sum(a.out_features)
+    return Poly.numel(ins[0].shape[:-1]) * (2 * a.in_features * width + width * a.addend)
+
+
+@op("projection_group", ProjectionGroupAttrs, flops=_projection_group_flops)
+def _projection_group(a: ProjectionGroupAttrs, ins):
+    x, *rest = ins
+    _float(x, "projection_group")
+    n, width = len(a.out_features), sum(a.out_features)
+    if len(a.biases) != n or len(a.weights) != n:
+        raise ShapeError(f"projection_group: {n} projections need {n} bias flags and weight paths")
+    if not x.shape or x.shape[-1] != a.in_features:
+        raise ShapeError(f"projection_group expects last dim {a.in_features}, got {show_shape(x.shape)}")
+    if a.transposed and not a.packed:
+        raise ShapeError("projection_group: only packed weights come transposed too")
+    if a.packed:
+        expected = [(width, a.in_features)] + [(a.in_features, width)] * a.transposed + [(width,)] * any(a.biases)
+    else:
+        expected = [(o, a.in_features) for o in a.out_features] + [(o,) for o, b in zip(a.out_features, a.biases) if b]
+    if a.addend:
+        expected.append(x.shape[:-1] + (width,))
+    got = [t.shape for t in rest]
+    if got != expected or any(t.dtype != "float" for t in rest):
+        raise ShapeError(f"projection_group of {show_shape(x.shape)} takes float tensors "
+                         f"{', '.join(show_shape(s) for s in expected)}; got {', '.join(show_shape(s) for s in got)}")
+    return [TensorType(x.shape[:-1] + (o,)) for o in a.out_features]

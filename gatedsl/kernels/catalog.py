@@ -3,7 +3,7 @@
 import importlib
 
 # One package per fused op under gatedsl/kernels/, in the order the passes that create them run.
-FUSED_OP_PACKAGES: tuple[str, ...] = ()
+FUSED_OP_PACKAGES: tuple[str, ...] = ("moe_dispatch", "projection_group", "gate_chain", "linear_scan", "delta_rule")
 
 for _package in FUSED_OP_PACKAGES:
     importlib.import_module(f"gatedsl.kernels.{_package}")

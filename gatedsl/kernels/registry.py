@@ -262,13 +262,17 @@ def _measure(op: str, config: Any, config_key: str, ctx: Context, tensors) -> di
         fn = load(k)
         args = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in tensors]
 
+        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
         def run() -> None:
             out = fn(config, *args)
-            if ctx.training:
+            if ctx.training and wrt:
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 total = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
                 if isinstance(total, torch.Tensor):
-                    total.backward()
+                    # Gradients of the op's own inputs only: .backward() would also accumulate into the
+                    # model's learned tensors that a kernel reads (an expert's weights), changing training.
+                    torch.autograd.grad(total, wrt, allow_unused=True)
 
         samples = []
         for _ in range(4):  # the first call warms up (Triton compiles, caches fill)

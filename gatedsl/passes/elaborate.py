@@ -54,10 +54,14 @@ class Elaborator:
         self.limits = limits
         self.budget = 0
         self.param_total = 0  # learned elements declared so far
-        self.largest_params: list[ParamSpec] = []  # the three largest, for the over-the-limit diagnostic
+        self.declared_params: list[ParamSpec] = []  # every learned tensor so far, for the over-the-limit diagnostic
         self.stack: list[Frame] = []
         self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
         self.shapes: dict[str, TensorType] = {}
+        # Model-level `require`s that read param_count()/flop_count(), with the names bound where they stand:
+        # passes/check_budgets.py checks them once the counts exist (then `counted` is the counted unit).
+        self.budget_requires: list[tuple[ast.Require, dict[str, Any]]] = []
+        self.counted: ModelIR | None = None
         from gatedsl.ir import builtins  # registers the primitive functions
 
         self.builtins = builtins.BUILTINS
@@ -127,12 +131,15 @@ class Elaborator:
             raise ShapeError(err.message, span, notes=notes, help=err.help) from None
         for t in out_types:
             for d in t.shape:
-                if isinstance(d, int) and (d < 0 or d.bit_length() > 48):
-                    raise LimitError(f"{op} gives a dimension of size {d}", span)
-                if isinstance(d, Sym) and (d.coeff <= 0 or d.coeff.bit_length() > 48 or len(d.factors) > MAX_SYM_FACTORS):
+                if type(d) is int:  # the common case first: this runs for every output of every op
+                    if d < 0 or d.bit_length() > 48:
+                        raise LimitError(f"{op} gives a dimension of size {d}", span)
+                elif isinstance(d, Sym) and (d.coeff <= 0 or d.coeff.bit_length() > 48
+                                             or len(d.factors) > MAX_SYM_FACTORS):
                     raise LimitError(f"{op} gives a dimension of size {d}", span)
         graph = self.frame.graph
-        name = (label or getattr(validated, "fn", None) or op).replace(".", "_")
+        # Read the field directly: getattr on a pydantic model without it takes a slow path through __getattr__.
+        name = (label or validated.__dict__.get("fn") or op).replace(".", "_")
         node = graph.add(op, validated, [t.port for t in inputs], out_types, span, name)
         if params_at is not None:
             for decl in opdef.params(validated, in_types):
@@ -150,14 +157,14 @@ class Elaborator:
         self.param_total += numel
         block = self.frame.path.rstrip(".")
         spec = ParamSpec(path, tuple(shape), init, span, block)
-        self.largest_params = sorted(self.largest_params + [spec], key=lambda q: -q.numel)[:3]
+        self.declared_params.append(spec)
         if self.param_total > self.limits.max_params:
             raise LimitError(
                 f"the model has more than {self.limits.max_params:,} parameters (limit reached at {path}, "
                 f"{numel:,} elements {list(shape)})",
                 span,
                 notes=[Note(f"{q.path} has {q.numel:,} elements {list(q.shape)}", q.span)
-                       for q in self.largest_params],
+                       for q in sorted(self.declared_params, key=lambda q: -q.numel)[:3]],
                 help="reduce the sizes, or raise the limit (max_params= / --max-params)",
             )
         self.frame.graph.params.append(spec)
@@ -215,16 +222,43 @@ class Elaborator:
             cond = self.static_bool(stmt.cond, "an `if` condition")
             self.run_body(stmt.then if cond else stmt.orelse)
         elif isinstance(stmt, ast.Require):
-            ok = self.static_bool(stmt.cond, "a `require` condition")
-            if not ok:
-                raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
-                                notes=self._binding_notes(stmt.cond))
+            if self.counted is None and self.budget_calls(stmt.cond):
+                if len(self.stack) > 1:
+                    raise SpecError("a budget (param_count(), flop_count()) is known only for a whole model", stmt.span,
+                                    help="require it at the top level of the model, not in a block, cell or stage")
+                self.budget_requires.append((stmt, dict(self.frame.env)))
+            else:
+                self.check_require(stmt)
         elif isinstance(stmt, ast.AuxStmt):
             self.aux(stmt)
         elif isinstance(stmt, ast.ExitStmt):
             self.exit_stage(stmt)
         else:  # pragma: no cover - the grammar has no other statements
             raise SpecError(f"unsupported statement {type(stmt).__name__}", stmt.span)
+
+    def check_require(self, stmt: ast.Require) -> None:
+        """Raise the requirement's SpecError, with the values it read, unless its condition holds."""
+        if not self.static_bool(stmt.cond, "a `require` condition"):
+            notes = self._binding_notes(stmt.cond)
+            for call in self.budget_calls(stmt.cond):
+                sizes = ", ".join(f"{kw.name}={_show(self.eval(kw.value))}" for kw in call.kwargs)
+                notes.append(Note(f"{call.func.id}({sizes}) = {self.eval(call):,}", call.span))
+            raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
+                            notes=notes)
+
+    def budget_calls(self, expr: ast.Node) -> list[ast.Call]:
+        """The calls of param_count() and flop_count(...) in `expr` (names a spec has not rebound)."""
+        from gatedsl.ir.builtins import BUDGETS
+
+        found = []
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in BUDGETS \
+                and expr.func.id not in self.frame.env and expr.func.id not in self.program.definitions:
+            found.append(expr)
+        for value in vars(expr).values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, ast.Node):
+                    found += self.budget_calls(item)
+        return found
 
     def _binding_notes(self, expr: ast.Expr) -> list[Note]:
         names = sorted({n.id for n in _names_in(expr) if n.id in self.frame.env})
@@ -1200,4 +1234,5 @@ def elaborate(unit: ModelIR) -> ModelIR:
     except RecursionError:  # outside any statement: a parameter default
         raise LimitError("the spec nests too deeply to elaborate", unit.model.span) from None
     unit.shapes = el.shapes
+    unit.budget_requires = el.budget_requires
     return unit
