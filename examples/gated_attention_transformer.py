@@ -49,7 +49,7 @@ def gate_means(model, windows: torch.Tensor) -> dict[str, float]:
     # Read the gates off an -O0 twin with the same weights: there every spec statement is its own
     # node, while -O2 fuses the gate math into larger ops (the same function, the same state dict).
     twin = gatedsl.compile(SPEC, params=model.meta["gatedsl"]["parameters"], opt_level=0)
-    twin.load_state_dict(model.state_dict())
+    twin.load_state_dict(model.state_dict(), assign=True)  # the model's own tensors: its dtype, no copy
     twin.train(model.training)
     probe = GateProbe(twin)
     probe.run(windows[:, :-1])
