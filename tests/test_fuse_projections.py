@@ -43,7 +43,7 @@ model M() {
   output y = scan GatedGRU(x, H=4) over T
 }
 """
-# An LSTM with a peephole-free extra gate e on the memory: four state projections, all added to input ones.
+# An LSTM with an extra gate e on what enters the memory: five state projections, each added to an input one.
 GATED_LSTM = """
 cell GatedLSTM(x: [*, D], state h: [*, H], state c: [*, H]) {
   gate i = sigmoid(linear(x, H) + linear(h, H))
@@ -129,7 +129,7 @@ def _compile(spec, params, level, seed=0):
 
 
 def _groups(graph):
-    """Every projection_group node's attrs, in scan bodies too, with where it is (top or the scan's cell)."""
+    """The attrs of every projection_group node, scan bodies' included, in graph order."""
     found = []
     for n in graph.order():
         data = graph.node(n)
@@ -199,7 +199,7 @@ def test_a_gated_grus_projections_are_grouped_and_folded():
     assert linears == ["GatedGRU.n.x_proj.weight"]
 
 
-def test_an_lstms_four_state_projections_are_one_product():
+def test_a_gated_lstms_five_state_projections_are_one_product():
     graph = analyse(GATED_LSTM).graph
     (scan,) = [graph.node(n) for n in graph.order() if graph.node(n)["op"] == "scan"]
     (state,) = _groups(scan["attrs"].body)
