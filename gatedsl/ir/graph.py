@@ -169,3 +169,31 @@ def rewrite_scans(graph: Graph, rewrite) -> Graph:
     out.outputs = [(name, ports[p]) for name, p in graph.outputs]
     out.aux = [(name, ports[p]) for name, p in graph.aux]
     return out
+
+
+def replace_scans(graph: Graph, replace) -> Graph:
+    """A copy of `graph` where each scan for which `replace(new_graph, node, inputs)` returns ports (one per
+    result of the scan, after adding the nodes that compute them) is replaced by them, and every other
+    scan's body has gone through the same, recursively; `graph` itself where it has no scan."""
+    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
+        return graph
+    out = Graph(graph.name, params=graph.params, modules=graph.modules)
+    ports: dict[Port, Port] = {}
+    for n in graph.order():
+        data = graph.node(n)
+        ins = [ports[p] for p in data["inputs"]]
+        attrs = data["attrs"]
+        if data["op"] == "scan":
+            replaced = replace(out, data, ins)
+            if replaced is not None:
+                ports.update({(n, i): port for i, port in enumerate(replaced)})
+                continue
+            body = replace_scans(attrs.body, replace)
+            if body is not attrs.body:
+                attrs = attrs.model_copy(update={"body": body})
+        new = copy_node(out, data, attrs, ins)
+        ports.update({(n, i): (new, i) for i in range(len(data["types"]))})
+    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
+    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
+    out.aux = [(name, ports[p]) for name, p in graph.aux]
+    return out

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable
 
-from gatedsl.ir.graph import Graph, Port, copy_node
+from gatedsl.ir.graph import Graph, Port, replace_scans
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import (
     REGISTRY,
@@ -55,28 +55,12 @@ def chunk_delta_rule(unit: ModelIR) -> ModelIR:
 
 def _rebuild(graph: Graph) -> Graph:
     """`graph` with every delta-rule scan in it (and in scan bodies) replaced; `graph` itself where it has no scan."""
-    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
-        return graph
-    out = Graph(graph.name, params=graph.params, modules=graph.modules)
-    ports: dict[Port, Port] = {}
-    for n in graph.order():
-        data = graph.node(n)
-        ins = [ports[p] for p in data["inputs"]]
-        attrs = data["attrs"]
-        if data["op"] == "scan":
-            cell = recognise(attrs)
-            if cell is not None:
-                ports.update({(n, i): port for i, port in enumerate(_replace(out, data, ins, cell))})
-                continue
-            body = _rebuild(attrs.body)
-            if body is not attrs.body:
-                attrs = attrs.model_copy(update={"body": body})
-        new = copy_node(out, data, attrs, ins)
-        ports.update({(n, i): (new, i) for i in range(len(data["types"]))})
-    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
-    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
-    out.aux = [(name, ports[p]) for name, p in graph.aux]
-    return out
+    return replace_scans(graph, _replace_if_delta)
+
+
+def _replace_if_delta(out: Graph, data: dict, ins: list[Port]) -> list[Port] | None:
+    cell = recognise(data["attrs"])
+    return None if cell is None else _replace(out, data, ins, cell)
 
 
 # ------------------------------------------------------------- sums of products

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import networkx as nx
 
 from gatedsl.errors import ShapeError
-from gatedsl.ir.graph import Graph, Port, copy_node
+from gatedsl.ir.graph import Graph, Port, replace_scans
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import (
     REGISTRY,
@@ -54,28 +54,7 @@ def parallel_scan(unit: ModelIR) -> ModelIR:
 
 def _rebuild(graph: Graph) -> Graph:
     """`graph` with every linear scan in it (and in scan bodies) replaced; `graph` itself where it has no scan."""
-    if not any(graph.node(n)["op"] == "scan" for n in graph.order()):
-        return graph
-    out = Graph(graph.name, params=graph.params, modules=graph.modules)
-    ports: dict[Port, Port] = {}
-    for n in graph.order():
-        data = graph.node(n)
-        ins = [ports[p] for p in data["inputs"]]
-        attrs = data["attrs"]
-        if data["op"] == "scan":
-            replaced = _parallelise(out, data, ins)
-            if replaced is not None:
-                ports.update({(n, i): port for i, port in enumerate(replaced)})
-                continue
-            body = _rebuild(attrs.body)
-            if body is not attrs.body:
-                attrs = attrs.model_copy(update={"body": body})
-        new = copy_node(out, data, attrs, ins)
-        ports.update({(n, i): (new, i) for i in range(len(data["types"]))})
-    out.inputs = [(name, ports[(node, 0)][0]) for name, node in graph.inputs]
-    out.outputs = [(name, ports[p]) for name, p in graph.outputs]
-    out.aux = [(name, ports[p]) for name, p in graph.aux]
-    return out
+    return replace_scans(graph, _parallelise)
 
 
 # ------------------------------------------------------------ recognition
