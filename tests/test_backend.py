@@ -439,7 +439,34 @@ model M() {
     torch.testing.assert_close(got, torch.stack(outs, 1), **TOL)
     assert_same_grads(gm, [x, c], [got], [torch.stack(outs, 1)])
     code = gm.code
-    assert "('seq', 'const', 'state'" in code  # then, optimised, the hoisted projections as sequences
+    # Optimised, the loop reads only the hoisted projections: x's as a sequence, c's (once) as a constant;
+    # x and c themselves are no longer passed to it.
+    assert "(h0, y_all_h_x_proj, y_all_h_ctx_proj), ('state', 'seq', 'const')" in code
+
+
+def test_a_scan_keeps_the_sequence_that_sets_its_length_when_only_constants_are_hoisted():
+    spec = """
+cell Drift(x: [*, D], ctx: [*, C], state h: [*, H]) {
+  h = tanh(linear(ctx, H, bias=false) + h)
+}
+model M() {
+  input x: [B, T, 3]
+  input c: [B, 5]
+  output y = scan Drift(x, c, H=4) over T
+}
+"""
+    gm = compile64(spec)
+    x, c = randn(2, 6, 3, seed=1), randn(2, 5, seed=2).requires_grad_()
+
+    def step(xt, h):
+        return torch.tanh(lin(c, gm, "Drift.h.ctx_proj", False) + h)
+
+    outs, _ = run_loop(step, list(x.unbind(1)), torch.zeros(2, 4, dtype=DT))
+    got = gm(x, c)
+    assert got.shape == (2, 6, 4)  # x is read by nothing, but its length is the loop's
+    torch.testing.assert_close(got, torch.stack(outs, 1), **TOL)
+    assert_same_grads(gm, [c], [got], [torch.stack(outs, 1)])
+    assert "('seq', 'state', 'const')" in gm.code
 
 
 @pytest.mark.parametrize("decl,axis,time_dim,x_shape", [

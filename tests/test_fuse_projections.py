@@ -192,9 +192,10 @@ def test_a_gated_grus_projections_are_grouped_and_folded():
     assert state.packed and state.addend and state.weights == tuple(f"GatedGRU.{g}.h_proj.weight" for g in "rzo")
     body_ops = [scan["attrs"].body.node(n)["op"] for n in scan["attrs"].body.order()]
     assert body_ops.count("linear") == 1 and "join" not in body_ops and "param" not in body_ops
-    # The folded input projections' sequences are gone; the concatenated ones come in: one sequence, and the
-    # state weights as two constants (as they are and transposed, row-major).
-    assert scan["attrs"].roles == ("seq", "state", "seq", "seq", "const", "const")
+    # The folded input projections' sequences are gone, and so is x (only hoisted projections read it); the
+    # concatenated ones come in: one sequence, and the state weights as two constants (as they are and
+    # transposed, row-major).
+    assert scan["attrs"].roles == ("state", "seq", "seq", "const", "const")
     linears = [d["attrs"].weight for d in top if d["op"] == "linear"]
     assert linears == ["GatedGRU.n.x_proj.weight"]
 

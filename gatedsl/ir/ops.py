@@ -893,7 +893,7 @@ class ScanAttrs(Attrs):
 def _scan_flops(a: ScanAttrs, ins, outs) -> Poly:
     from gatedsl.passes.count_flops import graph_flops  # the body's own count
 
-    seq = ins[0]
+    seq = ins[a.roles.index("seq")]
     steps = Poly.of(seq.shape[a.axes[0]])
     return graph_flops(a.body) * steps
 
@@ -904,7 +904,7 @@ def _scan(a: ScanAttrs, ins):
     # value stacked along the axis (or the last one), then the final states.
     body = a.body
     emitted = body.type_of(body.outputs[0][1])
-    seq = ins[0]
+    seq = ins[a.roles.index("seq")]  # the first sequence sets the length (lower_recurrences may drop the spec's own)
     axis = a.axes[0]
     length = seq.shape[axis]
     if a.last:
