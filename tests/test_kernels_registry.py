@@ -44,6 +44,7 @@ def scale_op(monkeypatch):
     ]
     monkeypatch.setitem(registry.KERNELS, OP, kernels)
     monkeypatch.setattr(registry, "_CHOSEN", {})
+    monkeypatch.setattr(registry, "_BY_SIGNATURE", {})
     monkeypatch.setattr(registry, "_LOADED", {})  # each test's kernels record into its own `calls`
     monkeypatch.setattr(registry, "_PLAIN", {})
     yield calls
@@ -74,6 +75,26 @@ def test_dispatch_chooses_again_for_each_call_context(scale_op):
     assert scale_op[-1] == "fast64"
     registry.dispatch(OP, 2.0, "k", torch.randn(2))  # small and not needing grad: the cost rule prefers plain
     assert scale_op[-1] == "plain"
+
+
+def test_a_repeated_call_signature_skips_the_cost_rule_and_a_new_one_asks_it(scale_op, monkeypatch):
+    asked = []
+    choose = registry.choose
+    monkeypatch.setattr(registry, "choose", lambda *a, **kw: asked.append(a[1]) or choose(*a, **kw))
+    with torch.no_grad():
+        for _ in range(5):  # a scan's steps: new tensors, the same shapes, dtype, device and grad mode
+            registry.dispatch(OP, 2.0, "k", torch.randn(8))
+        assert len(asked) == 1 and scale_op[-5:] == ["inference_only"] * 5
+        registry.dispatch(OP, 2.0, "k", torch.randn(2))  # a new shape: its own choice (plain, for n <= 3)
+        assert len(asked) == 2 and scale_op[-1] == "plain"
+        registry.dispatch(OP, 2.0, "other config", torch.randn(8))  # another call site's config
+        assert len(asked) == 3
+    registry.dispatch(OP, 2.0, "k", torch.randn(8, requires_grad=True))  # gradients flow now
+    assert len(asked) == 4 and scale_op[-1] == "plain"
+    registry.policy("cost")  # a policy change forgets every choice
+    with torch.no_grad():
+        registry.dispatch(OP, 2.0, "k", torch.randn(8))
+    assert len(asked) == 5
 
 
 def test_measure_policy_times_each_kernel_once_and_caches_on_disk(scale_op, tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ def only(kernel: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry.KERNELS, "linear_scan", patched)
         mp.setattr(registry, "_CHOSEN", {})
+        mp.setattr(registry, "_BY_SIGNATURE", {})
         yield registry._CHOSEN
 
 

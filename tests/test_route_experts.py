@@ -62,6 +62,7 @@ def kernel(monkeypatch):
                    for k in registry.kernels_for("moe_dispatch")]
         monkeypatch.setitem(registry.KERNELS, "moe_dispatch", kernels)
         monkeypatch.setattr(registry, "_CHOSEN", {})
+        monkeypatch.setattr(registry, "_BY_SIGNATURE", {})
         monkeypatch.setattr(routed, "_CHOSEN", {})
 
     return force
@@ -147,6 +148,7 @@ def test_the_whole_mixture_is_routed_with_the_kernel_the_cost_rule_picks():
         plain.get_parameter("NoisyTopKMoE.clean.x_proj.weight").normal_()
     fast.load_state_dict(plain.state_dict())
     registry._CHOSEN.clear()
+    registry._BY_SIGNATURE.clear()
     assert_same(plain.eval(), fast.eval(), [x_of((256, 16))])
     chosen = [fn.__name__ for (op, _, _), fn in registry._CHOSEN.items() if op == "moe_dispatch"]
     assert chosen == ["sorted_experts"]

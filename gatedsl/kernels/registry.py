@@ -150,6 +150,8 @@ def choose(op: str, ctx: Context, node: str = "", measured: dict[str, float] | N
 # ------------------------------------------------------------------ run time
 _POLICY = {"mode": "cost"}  # "cost" or "measure"
 _CHOSEN: dict[tuple, Callable] = {}  # (op, config key, context) -> the loaded kernel function
+_BY_SIGNATURE: dict[tuple, Callable] = {}  # (op, config key, grad mode, each argument's shape/dtype/device/grad) -> the same
+_MAX_SIGNATURES = 4096
 _LOADED: dict[str, Callable] = {}
 _PLAIN: dict[str, Callable] = {}  # op -> its plain kernel, loaded before torch.compile traces (it cannot trace imports)
 
@@ -160,6 +162,7 @@ def policy(mode: str) -> None:
         raise ValueError(f"kernel policy must be 'cost' or 'measure', got {mode!r}")
     _POLICY["mode"] = mode
     _CHOSEN.clear()
+    _BY_SIGNATURE.clear()
 
 
 def prepare(op: str) -> None:
@@ -197,14 +200,26 @@ def dispatch(op: str, config: Any, config_key: str, *tensors):
 
     if torch.compiler.is_compiling():
         return _PLAIN[op](config, *tensors)
-    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors]
-    ctx = runtime_context(tensors, FUSED_OPS[op].sizes(config, shapes))
-    key = (op, config_key, ctx)
-    fn = _CHOSEN.get(key)
+    # A fused op in a scan body dispatches once per step, so the common case must cost about a
+    # microsecond: the call's raw signature (what the context is derived from) finds the kernel
+    # directly; only a new signature builds the context and asks the cost rule.
+    tensor = torch.Tensor
+    signature = (op, config_key, torch.is_grad_enabled(),
+                 *[(t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, tensor) else type(t)
+                   for t in tensors])
+    fn = _BY_SIGNATURE.get(signature)
     if fn is None:
-        measured = _measure(op, config, config_key, ctx, tensors) if _POLICY["mode"] == "measure" else None
-        choice = choose(op, ctx, measured=measured)
-        fn = _CHOSEN[key] = load(next(k for k in kernels_for(op) if k.name == choice.kernel))
+        shapes = [tuple(t.shape) if isinstance(t, tensor) else () for t in tensors]
+        ctx = runtime_context(tensors, FUSED_OPS[op].sizes(config, shapes))
+        key = (op, config_key, ctx)
+        fn = _CHOSEN.get(key)
+        if fn is None:
+            measured = _measure(op, config, config_key, ctx, tensors) if _POLICY["mode"] == "measure" else None
+            choice = choose(op, ctx, measured=measured)
+            fn = _CHOSEN[key] = load(next(k for k in kernels_for(op) if k.name == choice.kernel))
+        if len(_BY_SIGNATURE) >= _MAX_SIGNATURES:  # shapes that never repeat (a growing sequence) must not grow it forever
+            _BY_SIGNATURE.clear()
+        _BY_SIGNATURE[signature] = fn
     return fn(config, *tensors)
 
 
