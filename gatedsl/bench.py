@@ -19,6 +19,7 @@ import copy
 import importlib.util
 import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -318,14 +319,24 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[di
         "gatedsl.compile (it has no opt_level yet)"
     log(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; {how}; "
-        f"{'quick sizes' if args.quick else 'full sizes'}, median of {args.repeats}")
+        f"{'quick sizes' if args.quick else 'full sizes'}, median of {args.repeats}; {_load()}")
     log(f"{'case':24} {'baseline':40} {'gatedsl s':>9} {'base s':>9} {'ratio':>7} {'target':>8}  verdict")
     rows = []
     for name in args.case or list(CASES):
         rows += run_case(name, args.repeats, quick=args.quick, compile_backend=backend, opt_level=opt_level, log=log)
+    log(f"at the end: {_load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def _load() -> str:
+    """The load average: timings are only comparable on an otherwise idle machine, and this says whether it was."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:  # not every platform has one
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
