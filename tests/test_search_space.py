@@ -118,6 +118,24 @@ def test_conditions_on_choices_and_what_does_not_narrow():
     assert dims["a"].condition is None and dims["b"].condition is None and dims["c"].condition is None
 
 
+def test_a_condition_says_each_clause_once():
+    # `attention` and `attention == true` are different sources that read the same: one clause, not two.
+    spec = spec_with_body(
+        "h = linear(x, 8)\n"
+        "if attention { h = h * heads }\n"
+        "if attention == true { h = h + heads }\n"               # the same clause again, in another `if`
+        "if attention { if attention == true { h = h * k } }\n"  # and nested: `a and a`
+        "if attention { if mix { h = h * j } }\n"
+        "if attention == true { if mix == true { h = h + j } }\n"
+        "if mix { h = h * m } else { if wide > 2 { h = h * m } }\n"
+        "output y = h",
+        "attention: bool = true, mix: bool = false, wide: int in 1..4 = 1, heads: int in 1..4 = 2, "
+        "k: int in 1..3 = 1, j: int in 1..3 = 1, m: int in 1..3 = 1")
+    conditions = {d.name: d.condition for d in Space(spec).dimensions if d.condition}
+    assert conditions == {"wide": "mix == false", "heads": "attention == true", "k": "attention == true",
+                          "j": "attention == true and mix == true", "m": "mix == true or (mix == false and wide > 2)"}
+
+
 def test_what_is_not_a_dimension():
     spec = "import std.mlp\n" + spec_with_body(
         "output y = ffn(linear(x, n * plain * k))",
@@ -451,3 +469,15 @@ def test_gatedsl_check_reports_a_budget_violation(tmp_path):
                           text=True)
     assert done.returncode == 1
     assert f"{spec}:3:11: error: requirement failed: at most 20k parameters" in done.stderr + done.stdout
+
+
+def test_the_search_engine_is_exported_lazily():
+    script = ("import sys\n"
+              "import gatedsl.search\n"
+              "assert 'optuna' not in sys.modules and 'torch' not in sys.modules\n"
+              "from gatedsl.search import search\n"
+              "from gatedsl.search.engine import search as engine_search\n"
+              "assert search is engine_search\n")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        gatedsl.search.nothing  # noqa: B018

@@ -6,6 +6,7 @@ argument that is wrong.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -34,9 +35,11 @@ class Arg:
 def builtin(name: str, *spec: Arg, variadic: str | None = None):
     """Register a primitive; it receives bound arguments as {name: (value, span)}."""
 
+    names = tuple(a.name for a in spec)
+
     def register(fn):
         def run(el: "Elaborator", call: ast.Call):
-            bound = bind_args(el, call, name, spec, variadic)
+            bound = bind_args(el, call, name, spec, variadic, names)
             return fn(el, call, bound)
 
         run.__doc__ = fn.__doc__
@@ -48,10 +51,9 @@ def builtin(name: str, *spec: Arg, variadic: str | None = None):
 
 
 def bind_args(el: "Elaborator", call: ast.Call, fname: str, spec: tuple[Arg, ...],
-              variadic: str | None) -> dict[str, tuple[Any, Span]]:
+              variadic: str | None, names: tuple[str, ...]) -> dict[str, tuple[Any, Span]]:
     out: dict[str, tuple[Any, Span]] = {}
-    names = [a.name for a in spec]
-    positional = list(call.args)
+    positional = call.args
     if variadic is None and len(positional) > len(spec):
         raise SpecTypeError(f"{fname} takes at most {len(spec)} arguments, got {len(positional)}", call.span,
                             help=_usage(fname, spec))
@@ -95,9 +97,9 @@ def _convert(el: "Elaborator", arg: Arg, node: ast.Expr, fname: str) -> Any:
     if kind == "init":
         return parse_init(el, node)
     value = el.eval(node)
+    if kind == "any" or (kind == "tensor" and type(value) is Tensor) or (kind == "int" and type(value) is int):
+        return value  # the common cases, before building the message the others may need
     where = f"argument '{arg.name}' of {fname}"
-    if kind == "any":
-        return value
     if kind == "tensor":
         if not isinstance(value, Tensor):
             raise SpecTypeError(f"{where} must be a tensor, got {describe(value)}", node.span)
@@ -181,7 +183,8 @@ def _check_init(init: InitSpec | None, shape: tuple[int, ...], span: Span) -> No
                             span, help="use normal(std), uniform(a, b), zeros, ... for a vector")
 
 
-def fan_in_uniform(fan_in: int) -> InitSpec:
+@functools.lru_cache(maxsize=4096)
+def fan_in_uniform(fan_in: int) -> InitSpec:  # InitSpec is frozen: one per fan-in serves every linear
     # PyTorch's default for Linear and Conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     return InitSpec(kind="fan_in_uniform", args=(float(fan_in),))
 

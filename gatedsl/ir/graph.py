@@ -67,18 +67,41 @@ class ModuleSpec:
 Port = tuple[int, int]  # (node id, output index)
 
 
-@dataclass
+@dataclass(eq=False)  # a graph equals only itself
 class Graph:
-    """One graph of ops: a model's top level, or the body of a scanned cell."""
+    """One graph of ops: a model's top level, or the body of a scanned cell.
+
+    Nodes are read and added through the graph (node, type_of, order, add). `g` is its structure for networkx's
+    algorithms (ancestors, successors), with an edge from each node to each node that reads it: built on first
+    use and kept in step after. Elaboration and the analysis passes, which add and read every node of every
+    candidate a search screens, never need it.
+    """
 
     name: str
-    g: nx.DiGraph = field(default_factory=nx.DiGraph)
     inputs: list[tuple[str, int]] = field(default_factory=list)  # (name, node id)
     outputs: list[tuple[str, Port]] = field(default_factory=list)
     params: list[ParamSpec] = field(default_factory=list)
     modules: list[ModuleSpec] = field(default_factory=list)
     aux: list[tuple[str, Port]] = field(default_factory=list)  # `aux NAME = ...`: (instance path, value)
     _next: int = 0
+    _nodes: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # node id -> its data, by id
+    _g: nx.DiGraph | None = field(default=None, repr=False)
+
+    @property
+    def g(self) -> nx.DiGraph:
+        if self._g is None:
+            self._g = nx.DiGraph()
+            for node, data in self._nodes.items():
+                self._add_to_g(node, data["inputs"])
+        return self._g
+
+    def _add_to_g(self, node: int, inputs: list[Port]) -> None:
+        self._g.add_node(node)
+        for src, port in inputs:
+            self._g.add_edge(src, node, type=self._nodes[src]["types"][port])
+
+    def __contains__(self, node: int) -> bool:
+        return node in self._nodes
 
     def add(
         self,
@@ -92,28 +115,28 @@ class Graph:
     ) -> int:
         node = self._next
         self._next += 1
-        self.g.add_node(node, op=op, attrs=attrs, inputs=list(inputs), types=list(types),
-                        span=span, name=name, gate=gate)
-        for src, port in inputs:
-            self.g.add_edge(src, node, type=self.type_of((src, port)))
+        self._nodes[node] = {"op": op, "attrs": attrs, "inputs": list(inputs), "types": list(types),
+                             "span": span, "name": name, "gate": gate}
+        if self._g is not None:
+            self._add_to_g(node, inputs)
         return node
 
     def node(self, node: int) -> dict[str, Any]:
-        return self.g.nodes[node]
+        return self._nodes[node]
 
     def type_of(self, port: Port) -> TensorType:
-        return self.g.nodes[port[0]]["types"][port[1]]
+        return self._nodes[port[0]]["types"][port[1]]
 
     def order(self) -> list[int]:
         # Node ids are handed out as nodes are built, after their inputs: a topological order.
-        return sorted(self.g.nodes)
+        return sorted(self._nodes)
 
     def subgraphs(self) -> list["Graph"]:
         """Scanned cell bodies, recursively."""
         out = []
         for n in self.order():
             # The field read directly: getattr of a field an op's attrs lack takes pydantic's slow miss path.
-            body = self.g.nodes[n]["attrs"].__dict__.get("body")
+            body = self._nodes[n]["attrs"].__dict__.get("body")
             if isinstance(body, Graph):
                 out.append(body)
                 out += body.subgraphs()
@@ -129,7 +152,7 @@ class Graph:
         """Gate marks in program order, a scanned cell's own gates where the scan is."""
         marks: list[GateMark] = []
         for n in self.order():
-            data = self.g.nodes[n]
+            data = self._nodes[n]
             if data["gate"] is not None:
                 marks.append(data["gate"])
             body = getattr(data["attrs"], "body", None)
@@ -138,14 +161,14 @@ class Graph:
         return marks
 
 
-_NODE_KEYS = ("op", "attrs", "inputs", "types", "span", "name", "gate")
+NODE_KEYS = ("op", "attrs", "inputs", "types", "span", "name", "gate")  # every node has them; some have more
 
 
 def copy_node(graph: Graph, data: dict[str, Any], attrs: BaseModel, inputs: list[Port]) -> int:
     """Add a copy of node `data` (with new attrs and inputs, and any extra keys it carries) to `graph`."""
     node = graph.add(data["op"], attrs, inputs, data["types"], data["span"], data["name"], data["gate"])
     for key, value in data.items():
-        if key not in _NODE_KEYS:
+        if key not in NODE_KEYS:
             graph.node(node)[key] = value
     return node
 

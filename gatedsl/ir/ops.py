@@ -55,13 +55,18 @@ class OpDef:
 REGISTRY: dict[str, OpDef] = {}
 
 
+def no_flops(a, ins, outs) -> Poly:
+    """The FLOPs of an op that computes nothing (a source, a view): the default, which counting skips."""
+    return Poly()
+
+
 def op(name: str, attrs: type[Attrs], flops=None, params=None):
     def register(infer):
         REGISTRY[name] = OpDef(
             name,
             attrs,
             infer,
-            flops or (lambda a, ins, outs: Poly()),
+            flops or no_flops,
             params or (lambda a, ins: []),
         )
         return infer

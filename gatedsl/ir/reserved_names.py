@@ -9,6 +9,7 @@ Hard-coded so that `gatedsl.check` never imports torch; tests/test_fuzz.py asser
 from __future__ import annotations
 
 import builtins
+import functools
 import keyword
 
 # Every public attribute of torch.nn.Module and torch.fx.GraphModule (classes and instances), torch 2.4 to 2.13,
@@ -49,6 +50,7 @@ def is_reserved(name: str) -> bool:
     return name in RESERVED or name.startswith("_") or not name.isidentifier()
 
 
+@functools.lru_cache(maxsize=4096)  # elaboration asks for every statement and weight: a few names, many times
 def safe_attribute_name(name: str) -> str:
     """`name` itself where it can be a module attribute; otherwise a close name that can (`training` -> `training_`,
     `_x` -> `x_`)."""

@@ -75,10 +75,15 @@ def numel(shape: Shape) -> Dim:
 DTYPES = ("bool", "int", "float")  # ordered: arithmetic promotes to the later one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorType:
     shape: Shape
     dtype: str = "float"
+
+    def __init__(self, shape: Shape, dtype: str = "float"):
+        # Fields written straight to __dict__: a frozen dataclass's own __init__ (object.__setattr__ per field)
+        # takes twice as long, and every op's shape rule builds its output types.
+        self.__dict__.update(shape=shape, dtype=dtype)
 
     def __str__(self) -> str:
         prefix = "" if self.dtype == "float" else self.dtype
@@ -90,11 +95,13 @@ class TensorType:
 
 
 def promote(a: str, b: str) -> str:
-    return a if DTYPES.index(a) >= DTYPES.index(b) else b
+    return a if a == b or DTYPES.index(a) >= DTYPES.index(b) else b
 
 
 def broadcast(a: Shape, b: Shape) -> Shape | None:
     """NumPy broadcasting over static dims; None where the shapes cannot broadcast."""
+    if a == b:  # most element-wise ops
+        return a
     out: list[Dim] = []
     for i in range(1, max(len(a), len(b)) + 1):
         x = a[-i] if i <= len(a) else 1
@@ -123,6 +130,13 @@ class Poly:
         self.terms = {k: v for k, v in (terms or {}).items() if v}
 
     @staticmethod
+    def _nonzero(terms: dict[tuple[str, ...], int]) -> "Poly":
+        """A Poly of terms known to have no zero coefficient (FLOP counting builds one per op: no filtering)."""
+        poly = Poly.__new__(Poly)
+        poly.terms = terms
+        return poly
+
+    @staticmethod
     def of(d: Dim) -> "Poly":
         if isinstance(d, int):
             return Poly({(): d})
@@ -130,7 +144,15 @@ class Poly:
 
     @staticmethod
     def numel(shape: Shape) -> "Poly":
-        return Poly.of(numel(shape))
+        # Poly.of(numel(shape)), without a Sym per factor: every op's FLOP count starts here.
+        coeff, factors = 1, ()
+        for d in shape:
+            if type(d) is int:
+                coeff *= d
+            else:
+                coeff *= d.coeff
+                factors += d.factors
+        return Poly._nonzero({tuple(sorted(factors)): coeff} if coeff else {})
 
     def __add__(self, other: "Poly") -> "Poly":
         terms = dict(self.terms)
@@ -140,7 +162,7 @@ class Poly:
 
     def __mul__(self, other: "Poly | int") -> "Poly":
         if isinstance(other, int):
-            return Poly({k: v * other for k, v in self.terms.items()})
+            return Poly._nonzero({k: v * other for k, v in self.terms.items()}) if other else Poly()
         terms: dict[tuple[str, ...], int] = {}
         for k1, v1 in self.terms.items():
             for k2, v2 in other.terms.items():

@@ -9,7 +9,7 @@ from gatedsl.ir.graph import Port
 from gatedsl.ir.types import Sym, TensorType
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Tensor:
     """A tensor produced by a graph node; `origin` is where the spec made it, for diagnostics."""
 
@@ -17,6 +17,11 @@ class Tensor:
     type: TensorType
     origin: Span
     label: str
+
+    def __init__(self, port: Port, type: TensorType, origin: Span, label: str):
+        # Fields written straight to __dict__: a frozen dataclass's own __init__ (object.__setattr__ per field)
+        # takes twice as long, and elaboration makes a few per op.
+        self.__dict__.update(port=port, type=type, origin=origin, label=label)
 
 
 @dataclass(frozen=True)

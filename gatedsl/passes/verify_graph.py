@@ -37,9 +37,9 @@ def _verify(graph: Graph) -> None:
         if isinstance(body, Graph):
             _verify(body)
     for name, (node, port) in graph.outputs:
-        if node not in graph.g or port >= len(graph.node(node)["types"]):
+        if node not in graph or port >= len(graph.node(node)["types"]):
             raise GraphInvariantError(f"output {name} reads a missing node")
     for name, (node, port) in graph.aux:
-        if node not in graph.g or port >= len(graph.node(node)["types"]) \
+        if node not in graph or port >= len(graph.node(node)["types"]) \
                 or graph.type_of((node, port)).dtype != "float":
             raise GraphInvariantError(f"aux {name} reads a missing node or a non-float value")

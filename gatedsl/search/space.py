@@ -15,7 +15,9 @@ inactive dimension is bound to its spec default if that is a literal in its doma
 first value: the model does not read it.
 
 Screening runs the analysis passes on the parsed spec (parsed once, elaborated per candidate), with no
-weights allocated and without torch.
+weights allocated and without torch. Elaboration replays the calls of cells and blocks it has already
+elaborated with the same arguments (passes/elaborate.py CallMemo): a model's layers after the first, and the
+calls the space keeps from earlier candidates; the unit, and so the verdict, is the one elaborating gives.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from gatedsl.frontend.parser import parse
 from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.values import Builtin
-from gatedsl.passes import OPTIMIZATIONS, PIPELINE, check_budgets, verify_graph
-from gatedsl.passes.elaborate import Elaborator, Frame
+from gatedsl.passes import OPTIMIZATIONS, PIPELINE, check_budgets, elaborate, verify_graph
+from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame
 
 Value = str | int | float | bool
 
@@ -180,6 +182,7 @@ class Space:
         self.max_params = max_params
         self.max_flops = max_flops
         self.limits = Limits() if max_params is None else Limits(max_params=max_params)
+        self._memo = CallMemo(self.program)
         self._params = {p.name: p for p in self.model.params}
         # One scratch elaborator evaluates domains, defaults and conditions: static values only, no graph.
         self._el = Elaborator(self.program, self.limits)
@@ -332,7 +335,9 @@ class Space:
         unit = ModelIR(self.program, self.model, self.params(dna), self.limits, opt_level=0)
         try:
             for compiler_pass in SCREENING_PASSES:
-                unit = compiler_pass(unit)
+                # Elaboration replays the calls of cells and blocks it has elaborated with the same arguments:
+                # every layer after the first, and calls this space has seen in earlier candidates too.
+                unit = elaborate(unit, self._memo) if compiler_pass is elaborate else compiler_pass(unit)
         except SpecError as err:
             return Screened(ok=False, reason=err.message, params=None, flops=None)
         flops = unit.flops.evaluate(self.dims)
@@ -454,9 +459,7 @@ class Space:
                 disjuncts = _simplify(disjuncts)
             self._conditions[dim.name] = disjuncts
             if disjuncts is not None:
-                dim.condition = " or ".join(
-                    (" and ".join(lit.text for lit in conj) if len(disjuncts) == 1 or len(conj) == 1
-                     else "(" + " and ".join(lit.text for lit in conj) + ")") for conj in disjuncts)
+                dim.condition = _condition_text(disjuncts)
         # Dimensions whose values a condition reads, directly or through a parameter's default: counting
         # and enumerating branch on these, and multiply the others out.
         read = set().union(*(_names(lit.expr) for conds in self._conditions.values() if conds
@@ -623,6 +626,14 @@ def _simplify(disjuncts: list[list[_Literal]]) -> list[list[_Literal]] | None:
     order = list(first)
     ordered = sorted((sorted(c, key=order.index) for c in conjs), key=lambda c: [order.index(x) for x in c])
     return [[first[x] for x in conj] for conj in ordered]
+
+
+def _condition_text(disjuncts: list[list[_Literal]]) -> str:
+    """The condition as text, each clause once, in order: two literals of different source may read the same
+    (`attention` is written `attention == true`), and say it twice (`attention == true or attention == true`)."""
+    conjs = list(dict.fromkeys(tuple(dict.fromkeys(lit.text for lit in conj)) for conj in disjuncts))
+    return " or ".join(" and ".join(conj) if len(conjs) == 1 or len(conj) == 1 else "(" + " and ".join(conj) + ")"
+                       for conj in conjs)
 
 
 def _literal_value(expr: ast.Expr) -> Value | None:
