@@ -476,8 +476,9 @@ def test_the_search_engine_is_exported_lazily():
               "import gatedsl.search\n"
               "assert 'optuna' not in sys.modules and 'torch' not in sys.modules\n"
               "from gatedsl.search import search\n"
-              "from gatedsl.search.engine import search as engine_search\n"
-              "assert search is engine_search\n")
+              "from gatedsl.search import load_result\n"
+              "from gatedsl.search.engine import search as engine_search, load_result as engine_load_result\n"
+              "assert search is engine_search and load_result is engine_load_result\n")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gatedsl.search.nothing  # noqa: B018

@@ -4,13 +4,13 @@ and `search`, the engine that runs a search on Optuna."""
 from gatedsl.search.space import Dimension, Screened, Space
 from gatedsl.search.tasks import TASKS, Task, TaskResult, get_task
 
-__all__ = ["Space", "Dimension", "Screened", "TASKS", "Task", "TaskResult", "get_task", "search"]
+__all__ = ["Space", "Dimension", "Screened", "TASKS", "Task", "TaskResult", "get_task", "search", "load_result"]
 
 
 def __getattr__(name: str):
     # Imported on first use: the engine needs optuna, which screening and `gatedsl check` never import.
-    if name == "search":
-        from gatedsl.search.engine import search
+    if name in ("search", "load_result"):
+        from gatedsl.search import engine
 
-        return search
+        return getattr(engine, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
