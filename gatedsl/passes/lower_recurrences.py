@@ -8,6 +8,8 @@ constants. Results, learned tensors and their paths are unchanged; gate marks st
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from gatedsl.ir.graph import Graph, Port, copy_node, rewrite_scans
 from gatedsl.ir.model import ModelIR
 from gatedsl.ir.ops import REGISTRY, InputAttrs, ScanAttrs
@@ -80,26 +82,24 @@ def _hoist(outer: Graph, data: dict, ins: list[Port]) -> tuple[ScanAttrs, list[P
 
     hoisted = [materialise(n) for n in frontier]
     # The old inputs the loop still reads: a sequence or constant read only by hoisted ops is no longer
-    # passed (nor sliced every call), but one sequence stays to set the length if no hoisted one does.
+    # passed (nor sliced every call). The first sequence also sets the loop's length and where its outputs
+    # stack, so it stays unless a later sequence on the same axis can take its place.
     read = {src for n in body.order() if n not in axis_of for src, _ in body.node(n)["inputs"]}
     read |= {node for _, (node, _) in body.outputs}
     seq_axes = iter(a.axes)
-    kept = []  # (name, node, role, axis, outer port)
-    for (name, node), role, port in zip(body.inputs, a.roles, ins):
-        kept.append((name, node, role, next(seq_axes) if role == "seq" else None, port))
-    first_seq = next(entry for entry in kept if entry[2] == "seq")
-    # The first sequence also sets where the outputs stack: the one taking its place must share its axis.
-    later_axes = [e[3] for e in kept if e[2] == "seq" and e is not first_seq and e[1] in read]
+    old_inputs = [_Input(name, node, role, next(seq_axes) if role == "seq" else None, port)
+                  for (name, node), role, port in zip(body.inputs, a.roles, ins)]
+    first_seq = next(i for i in old_inputs if i.role == "seq")
+    later_axes = [i.axis for i in old_inputs if i.role == "seq" and i is not first_seq and i.node in read]
     later_axes += [axis_of[n] for n in frontier if axis_of[n] is not None]
-    replaceable = bool(later_axes) and later_axes[0] == first_seq[3]
-    kept = [entry for entry in kept if entry[2] == "state" or entry[1] in read
-            or (entry is first_seq and not replaceable)]
-    # The new body: the old inputs it reads, one more sequence input per hoisted value, the rest of the step.
+    replaceable = bool(later_axes) and later_axes[0] == first_seq.axis
+    kept = [i for i in old_inputs if i.role == "state" or i.node in read or (i is first_seq and not replaceable)]
+    # The new body: the old inputs it reads, one more input per hoisted value, the rest of the step.
     new_body = Graph(body.name, params=body.params, modules=body.modules)
     ports: dict[Port, Port] = {}
-    for _, node, _, _, _ in kept:
-        ports[(node, 0)] = (copy_node(new_body, body.node(node), body.node(node)["attrs"], []), 0)
-    new_body.inputs = [(name, ports[(node, 0)][0]) for name, node, _, _, _ in kept]
+    for i in kept:
+        ports[(i.node, 0)] = (copy_node(new_body, body.node(i.node), body.node(i.node)["attrs"], []), 0)
+    new_body.inputs = [(i.name, ports[(i.node, 0)][0]) for i in kept]
     taken = {name for name, _ in body.inputs}
     for n in frontier:
         step = body.type_of((n, 0))
@@ -121,9 +121,18 @@ def _hoist(outer: Graph, data: dict, ins: list[Port]) -> tuple[ScanAttrs, list[P
     new_body.outputs = [(name, ports[p]) for name, p in body.outputs]
     attrs = a.model_copy(update={
         "body": new_body,
-        "roles": tuple(role for _, _, role, _, _ in kept) + tuple("const" if axis_of[n] is None else "seq"
-                                                                 for n in frontier),
-        "axes": tuple(axis for _, _, role, axis, _ in kept if role == "seq")
-        + tuple(axis_of[n] for n in frontier if axis_of[n] is not None),
+        "roles": tuple(i.role for i in kept) + tuple("const" if axis_of[n] is None else "seq" for n in frontier),
+        "axes": tuple(i.axis for i in kept if i.role == "seq") + tuple(axis_of[n] for n in frontier
+                                                                       if axis_of[n] is not None),
     })
-    return attrs, [port for _, _, _, _, port in kept] + hoisted
+    return attrs, [i.port for i in kept] + hoisted
+
+
+class _Input(NamedTuple):
+    """One of a scan's inputs: the body's placeholder, its role and scanned axis, and the value passed in."""
+
+    name: str
+    node: int
+    role: str
+    axis: int | None
+    port: Port
