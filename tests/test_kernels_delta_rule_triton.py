@@ -3,18 +3,13 @@ equations, run in Triton's interpreter on the CPU (TRITON_INTERPRET=1, in a chil
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is not installed here")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in a child process with TRITON_INTERPRET=1 "
-                                                         "(test_triton_kernels_in_the_interpreter)")
+from triton_interpreter import interpreted, run_in_the_interpreter  # noqa: E402
 
 # (T, gate, β, leading dims, K, V, initial state, log α range): below one chunk with K and V below the 16 a
 # product tile needs; two chunks, the last partial, V over one state block (32) and sizes not powers of two;
@@ -26,13 +21,7 @@ CASES = [(5, "alpha", True, (2,), 5, 4, True, (-3.0, 0.0)),
 
 
 def test_triton_kernels_in_the_interpreter():
-    if INTERPRETED:
-        pytest.skip("this is the child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert f"{len(CASES) + 2} passed" in run.stdout, run.stdout[-2000:]
+    run_in_the_interpreter(__file__, len(CASES) + 2)
 
 
 # float32 against the equations in float64: the kernels round each product and the substitution in float32,

@@ -3,9 +3,6 @@ reference, run in Triton's interpreter on the CPU (TRITON_INTERPRET=1, in a chil
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,20 +11,12 @@ pytest.importorskip("triton", reason="Triton is not installed here")
 
 from test_kernels_gate_chain import CASES  # noqa: E402  (the named chains, shared with the torch kernels' tests)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in a child process with TRITON_INTERPRET=1 "
-                                                         "(test_triton_kernels_in_the_interpreter)")
+from triton_interpreter import interpreted, run_in_the_interpreter  # noqa: E402
 RANDOM_PROGRAMS = 12
 
 
 def test_triton_kernels_in_the_interpreter():
-    if INTERPRETED:
-        pytest.skip("this is the child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert f"{len(CASES) + 5} passed" in run.stdout, run.stdout[-2000:]
+    run_in_the_interpreter(__file__, len(CASES) + 5)
 
 
 # float32 kernels against the reference in float64 on the same (float32) values: each step rounds to

@@ -4,9 +4,6 @@ CPU (TRITON_INTERPRET=1, in a child process: triton reads it as the kernels are 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +11,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed here")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in a child process with TRITON_INTERPRET=1 "
-                                                         "(test_triton_kernels_in_the_interpreter)")
+from triton_interpreter import interpreted, run_in_the_interpreter  # noqa: E402
 
 # float64: the kernels add the same terms in the same order as index_add (a token's pairs in expert order),
 # so only a fused multiply-add can differ, by an ulp: 1e-12. float32: the same, ~1e-7 relative per
@@ -30,14 +25,7 @@ DTYPES = [torch.float64, torch.float32]
 
 
 def test_triton_kernels_in_the_interpreter():
-    if INTERPRETED:
-        pytest.skip("this is the child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    expected = 2 * len(CASES) * len(DTYPES) + len(DTYPES)
-    assert f"{expected} passed" in run.stdout, run.stdout[-2000:]
+    run_in_the_interpreter(__file__, 2 * len(CASES) * len(DTYPES) + len(DTYPES))
 
 
 def gate(tokens: int, experts: int, kind: str, dtype) -> torch.Tensor:
