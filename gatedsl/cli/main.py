@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from gatedsl import __version__
+from gatedsl.cli.options import EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, pairs
 from gatedsl.errors import SpecError
+from gatedsl.fileio import CannotWrite
 
-EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REPORT_URL = "https://github.com/gatedsl/gatedsl/issues"
-
-
-class UsageError(Exception):
-    """A command-line mistake that argparse cannot see (a malformed -p, an unknown output format)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,26 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"{what} must look like NAME=VALUE, got {item!r}")
-        out[name.strip()] = value
-    return out
-
-
-def _dims(items: list[str]) -> dict[str, int]:
-    dims = {}
-    for name, value in _pairs(items, "-d").items():
-        try:
-            dims[name] = int(value)
-        except ValueError:
-            raise UsageError(f"-d {name}= needs an integer size, got {value!r}") from None
-    return dims
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -109,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except SpecError as err:
         print(err.render(), file=sys.stderr)
+        return EXIT_SPEC
+    except CannotWrite as err:  # a read-only directory, a directory in the way, a full disk: the user's to fix
+        print(f"gatedsl: error: {err}", file=sys.stderr)
         return EXIT_SPEC
     except KeyboardInterrupt:
         return 130
@@ -125,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args) -> int:
     from gatedsl.api import check
 
-    params = _pairs(args.param, "-p")
-    dims = _dims(args.dim)
+    params = pairs(args.param, "-p")
+    sizes = dims(args.dim)
     failed = 0
     for file in args.files:
         if not Path(file).is_file():
@@ -136,7 +116,7 @@ def _check(args) -> int:
             if library is not None:
                 print(f"{file}: ok: {library}")
                 continue
-            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=dims,
+            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=sizes,
                         opt_level=args.opt_level)
         except SpecError as err:
             print(err.render(), file=sys.stderr)
@@ -172,9 +152,9 @@ def _compile(args) -> int:
     target = Target(device=args.device, dtype=args.dtype, training=not args.inference)
     # An export must run with torch alone, so it is compiled without the passes whose fused ops
     # need gatedsl's kernels; the summary (and --explain) then describe what was exported.
-    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+    unit = analyse(Path(args.file), pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
                    opt_level=args.opt_level, target=target, standalone=bool(args.output))
-    rep = report(unit, _dims(args.dim))
+    rep = report(unit, dims(args.dim))
     from gatedsl.backend.fx_emit import emit
 
     gm = emit(unit)
@@ -209,7 +189,7 @@ def _graph(args) -> int:
     out = Path(args.output)
     if out.suffix not in (".dot", ".svg", ".png"):
         raise UsageError(f"graph writes .dot, .svg or .png, got {out.name}")
-    unit = analyse(Path(args.file), _pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+    unit = analyse(Path(args.file), pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
                    opt_level=args.opt_level)
     try:
         write_graph(unit, out)

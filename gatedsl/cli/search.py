@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatedsl.cli.main import EXIT_OK, EXIT_SPEC, UsageError, _dims, _pairs
+    from gatedsl.cli.options import EXIT_OK, EXIT_SPEC, UsageError, dims, pairs
 
     if not Path(args.spec).is_file():
         raise UsageError(f"no such file: {args.spec}")
@@ -66,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    from gatedsl.fileio import check_writable
+
+    for output in (args.export_best, args.plot):  # before the search has run, not after
+        if output:
+            check_writable(output)
     objectives = tuple(name.strip() for name in args.objectives.split(","))
 
     from rich.console import Console
@@ -88,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
             result = search(args.spec, task=args.task, objective=args.objective, trials=args.trials,
                             sampler=args.sampler, storage=args.storage, study=args.study, workers=args.workers,
                             objectives=objectives, seed=args.seed, model=args.model,
-                            fixed=_pairs(args.param, "-p"), dims=_dims(args.dim), max_params=args.max_params,
+                            fixed=pairs(args.param, "-p"), dims=dims(args.dim), max_params=args.max_params,
                             max_flops=args.max_flops, steps=args.steps,
-                            task_options=_pairs(args.task_option, "--task-option"), opt_level=args.opt_level,
+                            task_options=pairs(args.task_option, "--task-option"), opt_level=args.opt_level,
                             progress=progress)
         except SearchError as error:
             raise UsageError(str(error)) from None
