@@ -90,11 +90,19 @@ def test_parameter_override_and_domain_error(spec, capsys):
     assert main(["compile", str(spec), "-p", "d=16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["parameters"]["d"] == 16
-    assert main(["compile", str(spec), "-p", "d=1000"]) == 1
-    err = capsys.readouterr().err
-    assert "'d' = 1000 is outside its domain 4..64" in err
-    assert main(["compile", str(spec), "-p", "nope=3"]) == 1
-    assert "has no parameter 'nope'" in capsys.readouterr().err
+    # A -p the declaration refuses is a usage error (exit 2) naming the option, with a note at the declaration.
+    assert main(["compile", str(spec), "-p", "d=1000"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gatedsl: error: -p d=1000: d is an int in 4..64, got 1000",
+        f"{spec}:7:12: note: 'd' is declared here",
+        "   7 | model Tiny(d: int in 4..64 = 8, drop: float = 0.0) {",
+        "     |            ^~~~~~~~~~~~~~~~~~~",
+    ]
+    assert main(["compile", str(spec), "-p", "nope=3"]) == 2
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        "gatedsl: error: -p nope=3: model Tiny has no parameter 'nope'; its parameters are: d, drop",
+        f"{spec}:7:1: note: model Tiny is declared here",
+    ]
 
 
 def test_compile_json_contract(spec, capsys):
@@ -106,7 +114,8 @@ def test_compile_json_contract(spec, capsys):
     assert isinstance(out["flops"], int) and out["flops"] > 0
     assert out["inputs"] == {"x": ["B", "T", 3]}
     assert out["outputs"] == {"y": ["B", "T", 2], "last": ["B", d]}
-    assert out["gates"] == [{"name": "MGU.f", "kind": "sigmoid", "line": 2}]
+    assert out["gates"] == [{"name": "MGU.f", "kind": "sigmoid", "file": str(spec), "line": 2}]
+    assert out["sizes"] == {"B": 1, "T": 1}
 
 
 def test_compile_summary_table(spec, capsys):
