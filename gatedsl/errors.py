@@ -1,9 +1,13 @@
-"""Every problem in a spec is a SpecError that knows where it is and renders like a compiler diagnostic."""
+"""Every problem in a spec is a SpecError that knows where it is and renders like a compiler diagnostic (and a bad
+size for FLOP counting, which is not the spec's, a SizeError)."""
 
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+
+MAX_MESSAGE = 2_000  # characters of one message, note or help line (a value quoted in it may be huge)
+QUOTE_WIDTH = 100  # characters of a source line quoted around the caret; a longer line is cut with '…'
 
 
 @dataclass(frozen=True)
@@ -115,11 +119,8 @@ class SpecError(Exception):
 
     def render_as_note(self, message: str) -> str:
         """This error's location and quoted source as a `note:`, under a diagnostic printed another way."""
-        return "\n".join([f"{self.span}: note: {clip(message, MAX_MESSAGE)}", *_quote(self.span, self._source(self.span))])
-
-
-MAX_MESSAGE = 2_000  # characters of one message, note or help line (a value quoted in it may be huge)
-QUOTE_WIDTH = 100  # characters of a source line quoted around the caret; a longer line is cut with '…'
+        header = f"{self.span}: note: {clip(message, MAX_MESSAGE)}"
+        return "\n".join([header, *_quote(self.span, self._source(self.span))])
 
 
 def clip(text: str, limit: int) -> str:
@@ -153,9 +154,9 @@ def _quote(span: Span, source: str | None) -> list[str]:
 
 
 def _visible(text: str) -> str:
-    """The text with every control, format or separator character (which would move the terminal's cursor, or
-    hide) shown as one visible character: the caret stays under the column it points at."""
-    if text.isprintable() or all(ch == "\t" or ch.isprintable() for ch in text):
+    """The text with every control, format or separator character but the tab (which would move the terminal's
+    cursor, or not show) as one visible character, so that the caret stays under the column it points at."""
+    if all(ch == "\t" or ch.isprintable() for ch in text):
         return text
     return "".join(ch if ch == "\t" or ch.isprintable() else _picture(ch) for ch in text)
 
@@ -166,9 +167,10 @@ def _picture(ch: str) -> str:
         return chr(0x2400 + code)  # the Unicode control pictures: ␌ for \f, ␋ for \v, ␍ for \r
     if code == 0x7F:
         return "\u2421"  # ␡
-    if unicodedata.category(ch) in ("Zl", "Zp") or code == 0x85:
+    category = unicodedata.category(ch)
+    if category in ("Zl", "Zp") or code == 0x85:
         return "\u2424"  # ␤, a newline that is not one to the lexer
-    return "\ufffd"
+    return " " if category == "Zs" else "\ufffd"  # a space of another width; a control or an invisible format
 
 
 def _indent_like(source: str, column: int) -> str:

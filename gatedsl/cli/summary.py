@@ -11,7 +11,6 @@ from rich.table import Table
 from rich.text import Text
 
 from gatedsl.api import Report
-from gatedsl.errors import clip
 
 MAX_VALUE = 40  # characters of a parameter's value shown in the summary (a string default may be megabytes)
 
@@ -20,8 +19,13 @@ def _shape(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _console() -> Console:
+    # No markup: names, shapes ([batch, 4]) and string values ("[/x]") are the spec's text, shown as written.
+    return Console(highlight=False, soft_wrap=True, markup=False)
+
+
 def _value(v: Any) -> str:
-    text = str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) and " " in v else str(v)
+    text = str(v).lower() if isinstance(v, bool) else str(v)
     return text if len(text) <= MAX_VALUE else f"{text[:MAX_VALUE - 10]}… ({len(text):,} characters)"
 
 
@@ -52,9 +56,9 @@ def flops_line(rep: Report, given: dict[str, int]) -> str:
 
 def print_summary(rep: Report, console: Console | None = None, given: dict[str, int] | None = None) -> None:
     """The summary of `rep`; `given` are the sizes the user gave (-d), to say which of rep.sizes defaulted to 1."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or _console()
     params = ", ".join(f"{k}={_value(v)}" for k, v in rep.parameters.items())
-    console.print(f"[bold]model {rep.model}[/bold] ({rep.file})" + (f"  {params}" if params else ""))
+    console.print(Text.assemble((f"model {rep.model}", "bold"), f" ({rep.file})" + (f"  {params}" if params else "")))
 
     io = Table(title="inputs and outputs", title_justify="left", show_edge=False)
     io.add_column("name")
@@ -72,7 +76,7 @@ def print_summary(rep: Report, console: Console | None = None, given: dict[str, 
     blocks.add_column("parameters", justify="right")
     for block, count in sorted(rep.params_by_block.items()):
         blocks.add_row(block, f"{count:,}")
-    blocks.add_row("[bold]total[/bold]", f"[bold]{rep.params:,}[/bold]")
+    blocks.add_row(Text("total", style="bold"), Text(f"{rep.params:,}", style="bold"))
     console.print(blocks)
 
     console.print(flops_line(rep, given or {}))
@@ -98,7 +102,7 @@ def print_summary(rep: Report, console: Console | None = None, given: dict[str, 
 def print_kernels(rep: Report, console: Console | None = None) -> None:
     """`--explain`: for every fused op and scan, the kernel chosen for the target, why, and each candidate (+ applies,
     - does not), wrapped to the terminal's width; a kernel's name is never broken."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, markup=False)
     if not rep.kernels:
         console.print("kernels: no fused ops or scans in this model")
         return
