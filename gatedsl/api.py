@@ -113,25 +113,26 @@ def symbolic_sizes(unit: ModelIR) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_dims(dims: dict[str, Any], sizes: list[str], model: str) -> None:
-    """Raise SizeError unless every entry of `dims` gives a positive int to one of `sizes`, model `model`'s
-    symbolic sizes (symbolic_sizes(unit), or a Report's `sizes`)."""
+def check_dims(dims: dict[str, Any], sizes: list[str] | None, model: str) -> None:
+    """Raise SizeError unless every entry of `dims` gives a positive int to one of `sizes`, model `model`'s symbolic
+    sizes (a Report's `sizes`, or symbolic_sizes(unit)); with `sizes` None any name goes, as for `report`, where one
+    dict may size several models."""
     for name, size in dims.items():
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise SizeError(f"{name}={size}: a size must be a positive integer")
-        if name not in sizes:
+        if sizes is not None and name not in sizes:
             known = ", ".join(sizes) if sizes else "none (every size is fixed)"
             raise SizeError(f"{name}={size}: model {model} has no symbolic size '{name}'; its sizes are: {known}")
 
 
 def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
     """What `check` returns for an analysed unit; `dims` sizes symbolic dims for the FLOP count (SizeError if one
-    is not a positive int or names no symbolic size of the model)."""
+    is not a positive int; a name the model lacks counts for nothing)."""
     g = unit.graph
     inputs = {name: g.node(n)["attrs"].type for name, n in g.inputs}
     sizes = symbolic_sizes(unit)
     dims = dict(dims or {})
-    check_dims(dims, sizes, unit.model.name)
+    check_dims(dims, None, unit.model.name)
     return Report(
         model=unit.model.name,
         file=unit.model.file,

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args) -> int:
-    from gatedsl.api import check
+    from gatedsl.api import check, check_dims
 
     params = pairs(args.param, "-p")
     sizes = dims(args.dim)
@@ -126,6 +126,7 @@ def _check(args) -> int:
                 continue
             rep = check(path, params, model=args.model, max_params=args.max_params, dims=sizes,
                         opt_level=args.opt_level, max_file_size=args.max_file_size)
+            check_dims(sizes, list(rep.sizes), rep.model)
         except OverrideError:  # the command line's mistake, not this file's: a usage error
             raise
         except SpecError as err:
@@ -151,7 +152,7 @@ def _library_summary(path: Path, max_file_size: int | None) -> str | None:
 
 
 def _compile(args) -> int:
-    from gatedsl.api import analyse, report
+    from gatedsl.api import analyse, check_dims, report
 
     path = spec_file(args.file)
     if args.output and Path(args.output).suffix != ".py":
@@ -166,6 +167,7 @@ def _compile(args) -> int:
                    opt_level=args.opt_level, target=target, standalone=bool(args.output),
                    max_file_size=args.max_file_size)
     rep = report(unit, sizes)
+    check_dims(sizes, list(rep.sizes), rep.model)
     from gatedsl.backend.fx_emit import emit
 
     gm = emit(unit)
