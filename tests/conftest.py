@@ -8,6 +8,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -63,23 +64,36 @@ def postgres_server():
     if owner is not None:
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data, port = root / "data", _free_port()
-
-    def run(*cmd: str) -> None:
-        done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-            unavailable(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()} {log}".strip())
-
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    # A test server: no fsync (the tests check concurrency, not crash safety), sockets on loopback and in root.
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+    stop = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    # The server is stopped by a process of its own that waits for this one to end, however it ends: teardown,
+    # SIGTERM, SIGKILL, or an xdist worker's os._exit (each worker that asks for the fixture starts its own).
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(root), *stop], stdin=subprocess.PIPE,
+                              start_new_session=True)  # not in pytest's process group: a Ctrl-C does not stop it
     try:
+        def run(*cmd: str) -> None:
+            done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+                unavailable(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()} {log}".strip())
+
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        # A test server: no fsync (the tests check concurrency, not crash safety), sockets on loopback and in root.
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+        reaper.stdin.close()
+        reaper.wait(timeout=120)
+
+
+# Reads its stdin to the end, which comes when the process holding the other end (the fixture's) has ended;
+# then runs the stop command in argv[2:] and removes the directory argv[1].
+_REAPER = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[2:], capture_output=True, timeout=60)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
 
 
 @pytest.fixture
