@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway PostgreSQL server on the loopback address, for the search's many-workers tests."""
+"""Shared fixtures: a throwaway PostgreSQL server on the loopback address, for the search's many-workers tests;
+and whether a process has ended, for the tests that kill one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +31,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, ended but not yet reaped, has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds` (a generous bound, never a timing test)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

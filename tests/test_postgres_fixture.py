@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from conftest import _postgres_bin
+from conftest import _postgres_bin, process_running, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,22 +30,6 @@ HOLDS_THE_SERVER = textwrap.dedent("""\
 """)
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.mark.skipif(_postgres_bin() is None and os.environ.get("GATEDSL_REQUIRE_POSTGRES") != "1",
                     reason="PostgreSQL is not installed")
 @pytest.mark.parametrize("xdist", [[], ["-n", "1"]], ids=["plain", "xdist"])
@@ -60,15 +43,15 @@ def test_sigterm_of_the_test_run_stops_its_postgres_server(tmp_path, xdist):
     run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, "test_holds.py"],
                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: told.exists() or run.poll() is not None, 180, "the server to start")
+        wait_for(lambda: told.exists() or run.poll() is not None, 180, "the server to start")
         assert run.poll() is None, run.communicate()[0]
         data = Path(told.read_text())
         postmaster = int((data / "postmaster.pid").read_text().split()[0])
-        assert _running(postmaster)
+        assert process_running(postmaster)
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
-        _wait_for(lambda: not _running(postmaster), 60, f"the postmaster (pid {postmaster}) to stop")
-        _wait_for(lambda: not data.parent.exists(), 30, f"{data.parent} to be removed")
+        wait_for(lambda: not process_running(postmaster), 60, f"the postmaster (pid {postmaster}) to stop")
+        wait_for(lambda: not data.parent.exists(), 30, f"{data.parent} to be removed")
     finally:
         run.kill()
         run.wait()
