@@ -903,8 +903,9 @@ def _interrupt_once(signum, frame) -> None:
 def _exit_with(pid: int, started: str) -> None:
     """End this worker within a second of the search's process `pid`, however that ends (SIGKILL included)."""
     if sys.platform.startswith("linux"):
-        # The kernel kills a worker whose parent (the forkserver) ends, and the forkserver ends when the search's
-        # process does; unlike the thread below this stops a worker that C code keeps from running Python.
+        # The kernel kills a worker when the thread that forked it ends: the forkserver's only thread, which ends
+        # when the search's process does. Unlike the thread below, this stops a worker that C code keeps from
+        # running Python.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     def watch() -> None:
