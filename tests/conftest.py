@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway PostgreSQL server on the loopback address, for the search's many-workers tests."""
+"""Shared fixtures: a throwaway PostgreSQL server on the loopback address, for the search's many-workers tests;
+and whether a process has ended, for the tests that kill one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +31,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, ended but not yet reaped, has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds` (a generous bound, never a timing test)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -63,23 +84,36 @@ def postgres_server():
     if owner is not None:
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data, port = root / "data", _free_port()
-
-    def run(*cmd: str) -> None:
-        done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-            unavailable(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()} {log}".strip())
-
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    # A test server: no fsync (the tests check concurrency, not crash safety), sockets on loopback and in root.
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+    stop = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    # The server is stopped by a process of its own that waits for this one to end, however it ends: teardown,
+    # SIGTERM, SIGKILL, or an xdist worker's os._exit (each worker that asks for the fixture starts its own).
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(root), *stop], stdin=subprocess.PIPE,
+                              start_new_session=True)  # not in pytest's process group: a Ctrl-C does not stop it
     try:
+        def run(*cmd: str) -> None:
+            done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+                unavailable(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()} {log}".strip())
+
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        # A test server: no fsync (the tests check concurrency, not crash safety), sockets on loopback and in root.
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+        reaper.stdin.close()
+        reaper.wait(timeout=120)
+
+
+# Reads its stdin to the end, which comes when the process holding the other end (the fixture's) has ended;
+# then runs the stop command in argv[2:] and removes the directory argv[1].
+_REAPER = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[2:], capture_output=True, timeout=60)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
 
 
 @pytest.fixture

@@ -128,6 +128,31 @@ OBJECTIVES = textwrap.dedent('''\
 
     def broken(dna):
         raise RuntimeError("the objective broke")
+
+
+    def stall(dna):
+        """score(dna), except while GATEDSL_TEST_STALL is set: then it logs "stall" and sleeps until stopped."""
+        if os.environ.get("GATEDSL_TEST_STALL"):
+            _log("stall", dna)
+            time.sleep(600)
+        return score(dna)
+
+
+    def interrupt(dna):
+        """score(dna) for the first two candidates; the third is cut short by a Ctrl-C."""
+        if len([e for e in _events() if e["event"] == "done"]) == 2:
+            raise KeyboardInterrupt
+        return score(dna)
+
+
+    def noisy(dna):
+        """A value drawn from Python's, NumPy's and torch's generators: the evaluation's seed decides it."""
+        import random
+
+        import numpy
+        import torch
+
+        return random.random() + float(numpy.random.rand()) + torch.rand(()).item()
 ''')
 
 
@@ -229,7 +254,7 @@ def test_violators_are_screened_out_never_trained(spec, objectives, tmp_path):
     result = search(spec, objective=f"{objectives}:score", trials=24, sampler="random", storage=str(tmp_path / "s.db"),
                     fixed={"lr": 0.01}, seed=1)
     study = load(result)
-    screened = [t for t in study.get_trials() if "screened_out" in t.user_attrs]
+    screened = [t for t in study.get_trials() if "screened_out" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     assert result.failed == 0 and result.errors == {}
     assert len(screened) == result.screened_out > 0
     for t in screened:
@@ -241,8 +266,9 @@ def test_violators_are_screened_out_never_trained(spec, objectives, tmp_path):
     # Where every candidate breaks a budget, the search ends once it has seen them all, whatever the budget.
     hopeless = search(spec, objective=f"{objectives}:score", trials=500, sampler="tpe", storage="memory",
                       fixed={"lr": 0.01, "attention": False}, max_params=10)
-    assert hopeless.trials == hopeless.screened_out < 500 and hopeless.best == []
-    assert hopeless.trials - hopeless.reused == 6  # each of the 6 candidates screened once, then only reused
+    assert hopeless.trials == hopeless.screened_out == 6 and hopeless.best == []  # each candidate screened once
+    assert hopeless.stopped == ("stopped after 6 of the 500 trials asked for: the space has 6 candidates and every "
+                                "one has been evaluated")
     assert len(events(objectives, "start")) == len(trained)
 
 
@@ -274,8 +300,9 @@ def test_an_in_flight_duplicate_is_awaited_not_trained_again(spec, objectives, t
     study = optuna.create_study(study_name="dups", storage=f"sqlite:///{db}")
     study.enqueue_trial(same)
     study.enqueue_trial(same)  # two workers take these at once: one trains, the other waits for its result
-    result = search(spec, objective=f"{objectives}:together", trials=2, workers=2, storage=str(db), study="dups")
-    first, second = load(result).get_trials()
+    result = search(spec, objective=f"{objectives}:together", trials=1, workers=2, storage=str(db), study="dups")
+    first, second = load(result).get_trials()  # one candidate: the second trial does not count towards `trials`
+    assert result.trials == 1 and result.reused == 1
     assert first.user_attrs["worker"] != second.user_attrs["worker"]
     assert first.state == second.state == TrialState.COMPLETE and first.values == second.values
     assert second.user_attrs["duplicate_of"] == first.number and "duplicate_of" not in first.user_attrs
@@ -332,7 +359,7 @@ def test_python_callable_objective(spec, tmp_path):
         return float(dna["d"])
 
     result = search(spec, objective=objective, trials=6, sampler="random", storage="memory", seed=0)
-    assert len(seen) == result.complete - result.reused
+    assert len(seen) == result.complete  # a trial that repeated a candidate is counted in `reused` alone
     assert result.best[0].values == [min(float(d["d"]) for d in seen)]
     assert result.summary() == {"trials": 6, "complete": result.complete,
                                 "best": {"dna": result.best[0].dna, "values": result.best[0].values}}
@@ -384,6 +411,106 @@ def check_workers(result, objectives: Path, *, workers: int, trials: int) -> Non
     check_trained_once(objectives, study)
     assert len(starts) == len(events(objectives, "done"))  # every evaluation that began finished
     assert tally(study).decided == trials
+
+
+# The tiny Lorenz-96 of these tests: a few trajectories, short windows, a handful of steps.
+TINY = {"steps": 6, "eval_every": 2, "train_trajectories": 2, "val_trajectories": 1, "states": 24, "window": 8,
+        "spinup": 50, "batch": 4}
+
+
+def _values_by_hash(result) -> dict[str, list[float]]:
+    return {t.user_attrs["hash"]: t.values for t in load(result).get_trials(states=(TrialState.COMPLETE,))}
+
+
+def test_a_candidates_value_does_not_depend_on_what_ran_before(tmp_path):
+    # The same candidate, trained first in one study and third in another, in this one process: the trainings
+    # before it leave torch's generator elsewhere, and its weights, batches and result must not follow it.
+    spec = tmp_path / "forecast.gate"
+    spec.write_text(FORECASTER)
+    target = {"d": 6, "act": "tanh"}
+    values = []
+    for name, before in (("first", []), ("third", [{"d": 4, "act": "relu"}, {"d": 8, "act": "tanh"}])):
+        db = tmp_path / f"{name}.db"
+        study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}")
+        for dna in [*before, target]:
+            study.enqueue_trial(dna)
+        result = search(spec, task="lorenz96", task_options=TINY, trials=len(before) + 1, storage=str(db),
+                        study=name, seed=3)
+        [trial] = [t for t in load(result).get_trials() if t.params == target]
+        assert trial.state == TrialState.COMPLETE and trial.number == len(before)
+        values.append(trial.values)
+    assert values[0] == values[1]
+
+
+def test_workers_give_each_candidate_the_value_one_process_gives(tmp_path):
+    spec = tmp_path / "forecast.gate"
+    spec.write_text(FORECASTER)
+    common = dict(task="lorenz96", task_options=TINY, trials=4, sampler="random", seed=5)  # too few to prune
+    alone = _values_by_hash(search(spec, storage=str(tmp_path / "one.db"), **common))
+    shared = _values_by_hash(search(spec, storage=str(tmp_path / "two.db"), workers=2, **common))
+    both = alone.keys() & shared.keys()
+    assert len(both) >= 3 and all(alone[h] == shared[h] for h in both), (alone, shared)
+
+
+def test_every_generator_is_seeded_by_the_candidate(spec, objectives, tmp_path):
+    import random
+
+    random.seed(1)
+    first = _values_by_hash(search(spec, objective=f"{objectives}:noisy", trials=3, sampler="random",
+                                   storage=str(tmp_path / "a.db"), fixed={"attention": False}, seed=7))
+    random.random()  # what the caller's generators hold does not reach the evaluations, nor do they change it
+    state = random.getstate()
+    again = _values_by_hash(search(spec, objective=f"{objectives}:noisy", trials=3, sampler="random",
+                                   storage=str(tmp_path / "b.db"), fixed={"attention": False}, seed=7))
+    assert first == again and len(first) == 3 and random.getstate() == state
+
+
+def test_a_pruned_trial_leaves_the_next_ones_alone(tmp_path, monkeypatch):
+    # The pruner stops trial 0 at its first report and nothing else: the later trials train to the end.
+    spec = tmp_path / "forecast.gate"
+    spec.write_text(FORECASTER)
+    monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: trial.number == 0)
+    result = search(spec, task="lorenz96", task_options=TINY, trials=3, sampler="random",
+                    storage=str(tmp_path / "s.db"), seed=0)
+    trials = [t for t in load(result).get_trials() if "duplicate_of" not in t.user_attrs]
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.user_attrs["steps"] for t in trials[1:]] == [6, 6]
+
+
+def test_trials_counts_distinct_candidates(spec, objectives, tmp_path):
+    # TPE proposes the candidates it rates best again and again: those trials are recorded as duplicates, and
+    # `trials` distinct candidates are evaluated all the same.
+    result = search(spec, objective=f"{objectives}:score", trials=16, sampler="tpe", storage=str(tmp_path / "s.db"),
+                    fixed={"lr": 0.01}, seed=0)
+    trials = load(result).get_trials()
+    counted = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    assert result.trials == len(counted) == len({t.user_attrs["hash"] for t in counted}) == 16
+    assert result.reused == len(trials) - 16 > 0 and result.stopped is None
+    assert result.complete + result.pruned + result.screened_out + result.failed == 16
+    check_trained_once(objectives, load(result))
+
+
+def test_trials_counts_distinct_candidates_across_workers_and_resumes(spec, objectives, tmp_path):
+    db = str(tmp_path / "s.db")
+    common = dict(objective=f"{objectives}:score", sampler="tpe", storage=db, fixed={"lr": 0.01}, seed=1)
+    first = search(spec, trials=8, workers=2, **common)
+    again = search(spec, trials=14, workers=2, **common)
+    assert (first.trials, again.trials) == (8, 14)
+    counted = [t for t in load(again).get_trials() if "duplicate_of" not in t.user_attrs]
+    assert len(counted) == len({t.user_attrs["hash"] for t in counted}) == 14 and tally(load(again)).decided == 14
+    check_trained_once(objectives, load(again))
+
+
+def test_a_search_stops_when_its_sampler_only_repeats(spec, objectives, tmp_path, monkeypatch):
+    import gatedsl.search.engine as engine
+
+    monkeypatch.setattr(engine, "DUPLICATE_STREAK", 2)
+    result = search(spec, objective=f"{objectives}:score", trials=6, sampler="random", storage=str(tmp_path / "s.db"),
+                    fixed={"lr": 0.01, "attention": False}, seed=0)
+    trials = load(result).get_trials()
+    assert [("duplicate_of" in t.user_attrs) for t in trials[-2:]] == [True, True] and result.trials < 6
+    assert result.stopped == (f"stopped after {result.trials} of the 6 trials asked for: its last 2 trials proposed "
+                              f"only candidates evaluated before, so few or none are left to find")
 
 
 def test_bad_settings_are_search_errors(spec, objectives, tmp_path):

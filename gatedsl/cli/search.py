@@ -66,39 +66,48 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    from gatedsl.fileio import check_writable
+    objectives = tuple(name.strip() for name in args.objectives.split(","))
 
-    for output in (args.export_best, args.plot):  # before the search has run, not after
+    from gatedsl.fileio import atomic_write, check_writable
+    from gatedsl.search.engine import MEMORY, SearchError, SearchInterrupted, prepare_search, run_search
+
+    try:
+        plan = prepare_search(args.spec, task=args.task, objective=args.objective, trials=args.trials,
+                              sampler=args.sampler, storage=args.storage, study=args.study, workers=args.workers,
+                              objectives=objectives, seed=args.seed, model=args.model,
+                              fixed=pairs(args.param, "-p"), dims=dims(args.dim), max_params=args.max_params,
+                              max_flops=args.max_flops, steps=args.steps,
+                              task_options=pairs(args.task_option, "--task-option"), opt_level=args.opt_level)
+    except SearchError as error:
+        raise UsageError(str(error)) from None
+    plot = args.plot or (f"{plan.study}-pareto.png" if len(plan.objectives) > 1 else None)
+    for output in (args.export_best, plot):  # before the search has run, not after
         if output:
             check_writable(output)
-    objectives = tuple(name.strip() for name in args.objectives.split(","))
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from gatedsl.search.engine import SearchError, search
-
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = err if args.json else Console(highlight=False, soft_wrap=True)
     columns = (TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"), TimeElapsedColumn(),
                TextColumn("{task.description}"))
-    with Progress(*columns, console=err, transient=True) as bar:
-        shown = bar.add_task("", total=args.trials)
+    try:
+        with Progress(*columns, console=err, transient=True) as bar:
+            shown = bar.add_task("", total=args.trials)
 
-        def progress(tally, total: int) -> None:
-            best = f"best {tally.best:.4g}" if tally.best is not None else ""
-            bar.update(shown, completed=tally.decided, total=total, description=best)
+            def progress(tally, total: int) -> None:
+                best = f"best {tally.best:.4g}" if tally.best is not None else ""
+                bar.update(shown, completed=tally.decided, total=total, description=best)
 
-        try:
-            result = search(args.spec, task=args.task, objective=args.objective, trials=args.trials,
-                            sampler=args.sampler, storage=args.storage, study=args.study, workers=args.workers,
-                            objectives=objectives, seed=args.seed, model=args.model,
-                            fixed=pairs(args.param, "-p"), dims=dims(args.dim), max_params=args.max_params,
-                            max_flops=args.max_flops, steps=args.steps,
-                            task_options=pairs(args.task_option, "--task-option"), opt_level=args.opt_level,
-                            progress=progress)
-        except SearchError as error:
-            raise UsageError(str(error)) from None
+            result = run_search(plan, progress=progress)
+    except SearchError as error:
+        raise UsageError(str(error)) from None
+    except SearchInterrupted as stop:
+        where = ("the study was in memory, so its results are gone" if stop.storage == MEMORY else
+                 f"the same command resumes study {stop.study} in {stop.storage}")
+        err.print(f"interrupted: {stop.decided} of {stop.trials} trials done ({stop.complete} complete); {where}")
+        raise  # the command's exit status for Ctrl-C
 
     if args.json:
         print(json.dumps(result.summary()))
@@ -106,22 +115,40 @@ def run(args: argparse.Namespace) -> int:
         print_leaderboard(result, out, args.top)
     for message, count in result.errors.items():
         err.print(f"note: {count} trial{'s' if count != 1 else ''} failed: {message}")
+    if result.stopped:
+        err.print(f"note: {result.stopped}")
 
-    plot = args.plot or (f"{result.study}-pareto.png" if len(result.objectives) > 1 else None)
+    failed = False
     if plot and result.leaderboard:
-        write_plot(result, Path(plot))
-        out.print(f"wrote {plot}")
+        failed |= not _write(plot, lambda: write_plot(result, Path(plot)), out)
     if args.export_best:
         if not result.best:
             print(f"gatedsl: error: no candidate completed, so there is no best to export to {args.export_best}",
                   file=sys.stderr)
             return EXIT_SPEC
-        from gatedsl.fileio import atomic_write
-
         text = result.bind()
-        atomic_write(Path(args.export_best), lambda f: f.write(text.encode("utf-8")))
-        out.print(f"wrote {args.export_best}")
+        failed |= not _write(args.export_best, lambda: atomic_write(Path(args.export_best),
+                                                                    lambda f: f.write(text.encode("utf-8"))), out)
+    if failed:
+        kept = ("it was in memory, so run it again with --storage FILE.db to keep it" if result.storage == MEMORY
+                else f"study {result.study} is saved in {result.storage}, and the same command writes the files "
+                     f"again without training")
+        print(f"note: the search itself finished; {kept}", file=sys.stderr)
+        return EXIT_SPEC
     return EXIT_OK
+
+
+def _write(path: str, write, console) -> bool:
+    """Write one output after the search; False, with the error printed, if it could not be written."""
+    from gatedsl.fileio import CannotWrite
+
+    try:
+        write()
+    except CannotWrite as error:  # the disk filled, or the directory changed, while the search ran
+        print(f"gatedsl: error: {error}", file=sys.stderr)
+        return False
+    console.print(f"wrote {path}")
+    return True
 
 
 def _value(value) -> str:
@@ -140,7 +167,8 @@ def print_leaderboard(result: SearchResult, console, top: int) -> None:
     from rich.table import Table
 
     counts = (f"{result.trials} trials: {result.complete} complete, {result.pruned} pruned, "
-              f"{result.screened_out} screened out, {result.failed} failed; {result.reused} reused a duplicate's result")
+              f"{result.screened_out} screened out, {result.failed} failed; {result.reused} more repeated a "
+              f"candidate and reused its result")
     kept = "in memory, gone when the command ends" if result.storage == "memory" else \
         f"in {result.storage} (the same command resumes it)"
     console.print(f"study [bold]{result.study}[/bold] {kept}")

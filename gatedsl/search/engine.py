@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
+import threading
 import time
+import traceback
 import warnings
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +44,13 @@ GRID_FLOAT_POINTS = 3
 # (a candidate that kills every process that trains it must not be retried forever).
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 10, 60, 3
 POLL_S = 0.1  # seconds between looks at the study while waiting on other workers
+# A sampler that proposes only candidates it has seen, this many times in a row, has nothing new to offer: the
+# search stops there rather than record duplicates forever (they cost no training, only the sampler's time).
+DUPLICATE_STREAK = 100
+PARENT_POLL_S = 0.5  # seconds between a worker's looks at whether the search's process is still alive
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a Linux process gets when its parent ends
+STOP_WAIT_S = 30  # seconds a worker has to hand its trial back after a Ctrl-C before it is killed
+MAX_GRID = 10_000  # candidates a grid may have: each worker holds the grid, and each trial stores its choices
 
 
 class SearchError(ValueError):
@@ -64,15 +76,16 @@ class SearchResult(BaseModel):
     study: str
     storage: str  # the URL, password hidden; optuna.load_study(study_name=study, storage=...) reopens it
     objectives: list[str]
-    trials: int  # trials decided: the count that `trials=` asks the study to reach
-    complete: int
+    trials: int  # distinct candidates decided: the count that `trials=` asks the study to reach
+    complete: int  # of those `trials`, by how each ended
     pruned: int  # stopped early by the pruner
     screened_out: int  # failed a static check (a constraint, a budget) and were never trained
     failed: int  # the candidate's evaluation raised
-    reused: int  # duplicates of an earlier candidate, answered from its result (counted in the states above)
+    reused: int  # further trials of a candidate already decided, answered from its result (not in `trials`)
     errors: dict[str, int]  # why evaluations failed: each message with how many trials it failed
     best: list[Candidate]  # the best candidate, or for several objectives the Pareto set, lowest first objective first
     leaderboard: list[Candidate]  # every distinct completed candidate, best first (the Pareto set first)
+    stopped: str | None = None  # why the search ended before reaching `trials` (a finished space, a stuck sampler)
 
     _space: Space | None = PrivateAttr(default=None)
 
@@ -94,19 +107,28 @@ class SearchResult(BaseModel):
         return {"trials": self.trials, "complete": self.complete, "best": entries}
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search: what it had decided stays in its storage, and the same search resumes it."""
+
+    def __init__(self, study: str, storage: str, trials: int, decided: int, complete: int):
+        super().__init__(f"the search of study {study} was interrupted")
+        self.study, self.storage, self.trials, self.decided, self.complete = study, storage, trials, decided, complete
+
+
 @dataclass
 class Tally:
-    """The study's trials counted the way the budget counts them."""
+    """The study's trials counted the way the budget counts them: each distinct candidate once."""
 
     total: int = 0  # every trial in the study, in any state
-    decided: int = 0
+    decided: int = 0  # finished trials of distinct candidates: what counts towards `trials`
     complete: int = 0
     pruned: int = 0
     screened_out: int = 0
     failed: int = 0
-    reused: int = 0
+    reused: int = 0  # finished trials that repeated a decided candidate
     running: int = 0
     waiting: int = 0
+    streak: int = 0  # the latest finished trials that all repeated a decided candidate
     covered: set[str] = field(default_factory=set)  # hashes decided (complete or pruned) or in flight
     best: float | None = None  # the lowest first objective so far
 
@@ -115,8 +137,8 @@ class Tally:
         return self.running + self.waiting
 
 
-class _Run(BaseModel):
-    """Everything a worker process needs to rebuild the search (it is pickled to the worker processes)."""
+class SearchPlan(BaseModel):
+    """A search's settings, every one checked, and its study's name: what each worker process rebuilds it from."""
 
     spec: str  # a path or the text
     spec_file: str | None  # the file it names, None for a text
@@ -134,6 +156,7 @@ class _Run(BaseModel):
     sampler: str
     storage: str | None  # a SQLAlchemy URL, or None for memory
     study: str
+    workers: int
     seed: int
     steps: int | None
     opt_level: int
@@ -154,27 +177,41 @@ def search(spec: str | Path, *, task: str | None = None, objective: str | Callab
            fixed: dict[str, Any] | None = None, dims: dict[str, int] | None = None, max_params: int | None = None,
            max_flops: int | None = None, steps: int | None = None, task_options: dict[str, Any] | None = None,
            opt_level: int = 2, progress: Callable[[Tally, int], None] | None = None) -> SearchResult:
-    """Search `spec`'s space until the study holds `trials` decided trials (a resumed study only runs the rest).
+    """Search `spec`'s space until the study holds `trials` distinct candidates (a resumed study only runs the rest).
 
     `task` names a built-in task (`gatedsl.search.tasks`); `objective` is a callable (or "module:function")
     that takes the compiled module, or the DNA when its first parameter is named `dna`, and returns a float
     or a tuple (one value per name in `objectives`); it may take `report(step, value) -> bool` to be pruned.
     Every objective is minimised. `storage` is a SQLite path or URL, a PostgreSQL URL, or "memory"; by
     default `gatedsl-search.db` in the current directory, under a study name derived from the spec and task.
+    Each candidate is evaluated from a seed derived from `seed` and its hash, so its value does not depend on
+    the process, worker or order it is evaluated in. Ctrl-C raises SearchInterrupted (a KeyboardInterrupt).
     """
-    run = _prepare(spec, task=task, objective=objective, trials=trials, sampler=sampler, storage=storage,
-                   study=study, workers=workers, objectives=objectives, seed=seed, model=model, fixed=fixed,
-                   dims=dims, max_params=max_params, max_flops=max_flops, steps=steps,
-                   task_options=task_options, opt_level=opt_level)
+    return run_search(prepare_search(
+        spec, task=task, objective=objective, trials=trials, sampler=sampler, storage=storage, study=study,
+        workers=workers, objectives=objectives, seed=seed, model=model, fixed=fixed, dims=dims,
+        max_params=max_params, max_flops=max_flops, steps=steps, task_options=task_options,
+        opt_level=opt_level), progress=progress)
+
+
+def run_search(plan: SearchPlan, *, progress: Callable[[Tally, int], None] | None = None) -> SearchResult:
+    """Run a prepared search (see `search`) until its study holds `plan.trials` distinct candidates."""
     with _quiet_optuna():
-        storage_obj = _open_storage(run.storage)
-        if workers == 1:
-            study_obj = _work(run, storage=storage_obj, progress=progress)
-        else:
-            study_obj = _open_study(run, storage_obj)  # created once, before the workers load it
-            _spawn(run, workers, study_obj, progress)
-        result = _result(run, study_obj)
-    result._space = run.space()
+        storage_obj = _open_storage(plan.storage)
+        study_obj = _open_study(plan, storage_obj)  # created once, before any worker loads it
+        try:
+            if plan.workers == 1:
+                _work(plan, study_obj, storage_obj, progress=progress)
+            else:
+                _spawn(plan, study_obj, progress)
+        except KeyboardInterrupt:
+            counts = tally(study_obj)
+            raise SearchInterrupted(plan.study, _shown(plan.storage), plan.trials, counts.decided,
+                                    counts.complete) from None
+        space = plan.space()
+        result = _result_of(study_obj, plan.storage, plan.objectives)
+        result.stopped = _stopped(plan, tally(study_obj), space)
+    result._space = space
     return result
 
 
@@ -201,31 +238,65 @@ def load_result(study: str, storage: str | None = None) -> SearchResult:
 
 
 def storage_url(storage: str | None) -> str | None:
-    """The SQLAlchemy URL for a `--storage` value: None -> gatedsl-search.db here, a path -> SQLite, "memory" -> None."""
+    """The SQLAlchemy URL for a `--storage` value: None -> gatedsl-search.db here, a path -> SQLite, "memory" -> None.
+
+    A SearchError says what is wrong with a malformed URL, or names the package a PostgreSQL URL needs.
+    """
     if storage is None:
         return f"sqlite:///{Path.cwd() / DEFAULT_STORAGE}"
+    if not isinstance(storage, str) or not storage:
+        raise SearchError(f"storage must be a SQLite file or URL, a PostgreSQL URL or 'memory', got {storage!r}")
     if storage in (MEMORY, ":memory:", "sqlite://", "sqlite:///:memory:"):
         return None
     for scheme in ("postgresql://", "postgres://"):
         if storage.startswith(scheme):  # SQLAlchemy's default PostgreSQL driver is psycopg2; psycopg 3 is ours
-            return "postgresql+psycopg://" + storage[len(scheme):]
-    if "://" in storage:
-        if not storage.startswith(("sqlite:///", "postgresql+")):
-            raise SearchError(f"--storage must be a SQLite file or URL, or a PostgreSQL URL, got {storage!r}")
-        return storage
-    return f"sqlite:///{Path(storage).expanduser().resolve()}"
+            storage = "postgresql+psycopg://" + storage[len(scheme):]
+    if "://" not in storage:
+        url = f"sqlite:///{Path(storage).expanduser().resolve()}"
+    elif storage.startswith(("sqlite:///", "postgresql+psycopg://")):
+        url = storage
+    else:
+        raise SearchError(f"--storage must be a SQLite file or URL, or a PostgreSQL URL, got {storage!r}")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as err:
+        raise SearchError(f"--storage {storage!r} is not a valid URL: {err}") from None
+    if parsed.drivername == "sqlite":
+        if not parsed.database or Path(parsed.database).is_dir():
+            raise SearchError(f"--storage {storage!r} must name a SQLite file, not a directory")
+    else:
+        try:
+            import psycopg  # noqa: F401  (SQLAlchemy and the storage's lock connect through it)
+        except ImportError:
+            raise SearchError('a PostgreSQL storage needs the psycopg driver: '
+                              'pip install "gatedsl[postgres]"') from None
+    return url
 
 
-def _prepare(spec, *, task, objective, trials, sampler, storage, study, workers, objectives, seed, model, fixed,
-             dims, max_params, max_flops, steps, task_options, opt_level) -> _Run:
+def prepare_search(spec: str | Path, *, task: str | None = None, objective: str | Callable | None = None,
+                   trials: int, sampler: str = "tpe", storage: str | None = None, study: str | None = None,
+                   workers: int = 1, objectives: tuple[str, ...] = ("metric",), seed: int = 0,
+                   model: str | None = None, fixed: dict[str, Any] | None = None, dims: dict[str, int] | None = None,
+                   max_params: int | None = None, max_flops: int | None = None, steps: int | None = None,
+                   task_options: dict[str, Any] | None = None, opt_level: int = 2) -> SearchPlan:
+    """Check every setting of `search` and name the study, touching no storage: a SearchError says what is wrong."""
     if (task is None) == (objective is None):
         raise SearchError("give exactly one of a task (--task) and an objective (--objective module:function)")
     if sampler not in SAMPLERS:
         raise SearchError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise SearchError(f"trials must be a positive integer, got {trials!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SearchError(f"workers must be a positive integer, got {workers!r}")
+    _check_int("trials", trials, low=1)
+    _check_int("workers", workers, low=1)
+    _check_int("seed", seed)
+    _check_int("opt_level", opt_level, low=0, high=2)
+    for name, value, low in (("steps", steps, 0), ("max_params", max_params, 1), ("max_flops", max_flops, 1)):
+        if value is not None:
+            _check_int(name, value, low=low)
+    for name, size in (dims or {}).items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SearchError(f"the size of {name} must be a positive integer, got {size!r}")
     objectives = list(objectives)
     if not objectives or len(set(objectives)) != len(objectives) or not all(objectives):
         raise SearchError(f"objectives must be distinct non-empty names, got {objectives!r}")
@@ -236,6 +307,8 @@ def _prepare(spec, *, task, objective, trials, sampler, storage, study, workers,
         if unknown:
             raise SearchError(f"a task gives the objectives {', '.join(BUILTIN_OBJECTIVES)}; unknown: "
                               f"{', '.join(unknown)}")
+    if study is not None:
+        _check_study_name(study)
     url = storage_url(storage)
     if url is None and workers > 1:
         raise SearchError("workers share the study through its storage: give a SQLite file or PostgreSQL URL, "
@@ -243,12 +316,13 @@ def _prepare(spec, *, task, objective, trials, sampler, storage, study, workers,
 
     fixed = dict(fixed or {})
     task_options = dict(task_options or {})
-    objective_ref, objective_fn, label = None, None, task
+    objective_ref, objective_fn, label, task_obj = None, None, task, None
     if task is not None:
         from gatedsl.api import load, pick_model
 
         declared = {p.name for p in pick_model(load(spec), model).params}
-        for name, value in _task(task, task_options).fixed.items():
+        task_obj = _task(task, task_options)
+        for name, value in task_obj.fixed.items():
             if name not in declared:  # a spec may write the size out instead: the task checks its shapes
                 continue
             if name in fixed and str(fixed[name]) != str(value):
@@ -268,21 +342,65 @@ def _prepare(spec, *, task, objective, trials, sampler, storage, study, workers,
     else:
         raise SearchError(f"objective must be a callable or 'module:function', got {objective!r}")
 
-    run = _Run(spec=str(spec), spec_file=None, model=model, fixed=fixed, dims=dict(dims or {}), max_params=max_params,
-               max_flops=max_flops, task=task, task_options=task_options, objective_ref=objective_ref,
-               objective_fn=objective_fn, objectives=objectives, trials=trials, sampler=sampler, storage=url,
-               study="", seed=seed, steps=steps, opt_level=opt_level, cwd=os.getcwd())
-    space = run.space()  # a spec error surfaces here, as a SpecError, before any storage is touched
+    plan = SearchPlan(spec=str(spec), spec_file=None, model=model, fixed=fixed, dims=dict(dims or {}),
+                      max_params=max_params, max_flops=max_flops, task=task, task_options=task_options,
+                      objective_ref=objective_ref, objective_fn=objective_fn, objectives=objectives, trials=trials,
+                      sampler=sampler, storage=url, study="", workers=workers, seed=seed, steps=steps,
+                      opt_level=opt_level, cwd=os.getcwd())
+    space = plan.space()  # a spec error surfaces here, as a SpecError, before any storage is touched
+    _check_model(space, task_obj)
+    if sampler == "grid":
+        _grid(space)
     if space.program.main.file != "<string>":
-        run.spec_file = space.program.main.file
+        plan.spec_file = space.program.main.file
     identity = json.dumps({"spec": space.identity, "model": model, "fixed": {k: str(v) for k, v in fixed.items()},
-                           "dims": run.dims, "max_params": max_params, "max_flops": max_flops, "task": task,
+                           "dims": plan.dims, "max_params": max_params, "max_flops": max_flops, "task": task,
                            "task_options": task_options, "objective": objective_ref or label,
                            "objectives": objectives, "sampler": sampler, "seed": seed, "steps": steps},
                           sort_keys=True, default=str)
-    stem = Path(run.spec_file).stem if run.spec_file else "spec"
-    run.study = study or f"{stem}-{label}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
-    return run
+    stem = Path(plan.spec_file).stem if plan.spec_file else "spec"
+    plan.study = study or f"{stem}-{label}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+    return plan
+
+
+def _check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
+            or (high is not None and value > high):
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(low, "an integer") if high is None \
+            else f"an integer from {low} to {high}"
+        raise SearchError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_study_name(name: Any) -> None:
+    # Optuna keeps names of up to 512 characters; the default plot's file is named after the study.
+    if not isinstance(name, str) or not name.strip() or len(name) > 512 or not name.isprintable():
+        raise SearchError(f"a study name is 1 to 512 printable characters, got {name!r}")
+
+
+def _check_model(space: Space, task) -> None:
+    """The sizes given for counting FLOPs name symbolic sizes of the model's inputs, and the task can train it.
+
+    Both are the same for every candidate, so one that builds answers for all (none builds: nothing to check).
+    """
+    if not space.dims and task is None:
+        return
+    candidate = next((dna for dna in itertools.islice(space.grid(GRID_FLOAT_POINTS), 64) if space.screen(dna).ok),
+                     None)
+    if candidate is None:
+        return
+    from gatedsl.api import analyse, report
+
+    rep = report(analyse(space.program, space.params(candidate), model=space.model.name, opt_level=0))
+    sizes = sorted({d for shape in rep.inputs.values() for d in shape if isinstance(d, str)})
+    unknown = [name for name in space.dims if name not in sizes]
+    if unknown:
+        raise SearchError(f"model {space.model.name} has no size named {', '.join(unknown)}; its sizes are "
+                          f"{', '.join(sizes) or 'none (every input shape is fixed)'}")
+    if task is not None:
+        try:
+            task.check_signature(rep.inputs, rep.input_dtypes, rep.outputs)
+        except ValueError as err:
+            raise SearchError(str(err)) from None
 
 
 def _task(name: str, options: dict[str, Any]):
@@ -399,52 +517,88 @@ def _sqlite_wal(path: Path) -> None:
         raise SearchError(f"cannot open the storage {path}: {err}") from None
 
 
-def _seed(run: _Run, slot: int) -> int:
+def _seed(plan: SearchPlan, slot: int) -> int:
     # Seeded by the trial's place in the study, not by the process: workers on any machine draw different
     # candidates, a resumed run draws new ones, and an uninterrupted one-worker run is reproducible.
-    digest = hashlib.sha256(f"{run.seed}:{slot}".encode()).digest()
+    digest = hashlib.sha256(f"{plan.seed}:{slot}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
-def _sampler(run: _Run, grid_size: int, slot: int) -> optuna.samplers.BaseSampler:
-    """The sampler for the study's trial number `slot` (Optuna's samplers keep their state in the study)."""
-    seed = _seed(run, slot)
-    if run.sampler == "random":
+def _candidate_seed(seed: int, key: str) -> int:
+    # From the search's seed and the candidate's hash alone: the same in any process, worker, retry or order.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+@contextlib.contextmanager
+def _reproducible(seed: int):
+    """Evaluate a candidate from `seed` alone: torch's, Python's and NumPy's generators seeded with it (weights,
+    batch order, dropout, noise), torch on one thread; what the caller had is put back after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # A matmul splits its sums by thread, so with another thread count a result differs in its last bits, and
+    # after training so does the error: a value would depend on --workers and on the machine's cores.
+    torch.set_num_threads(1)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            yield seed
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _sampler(plan: SearchPlan, grid_size: int, slot: int, explore: bool) -> optuna.samplers.BaseSampler:
+    """The sampler for the study's trial number `slot` (Optuna's samplers keep their state in the study).
+
+    `explore` (the latest trial repeated a candidate) draws at random instead: a model-based sampler that has
+    settled on its best candidates proposes them again and again, and a duplicate does not count as a trial.
+    """
+    seed = _seed(plan, slot)
+    if plan.sampler == "random" or (explore and plan.sampler != "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
-    if run.sampler == "grid":
+    if plan.sampler == "grid":
         # One categorical over the grid's candidates: Space.grid() knows which parameters each one has
         # (conditional ones are absent where inactive), which a Cartesian product of parameters cannot say.
         # Its seed shuffles the grid, so it must be the same for every trial.
-        return optuna.samplers.GridSampler({"grid_point": list(range(grid_size))}, seed=_seed(run, 0))
-    if run.sampler == "tpe":
+        return optuna.samplers.GridSampler({"grid_point": list(range(grid_size))}, seed=_seed(plan, 0))
+    if plan.sampler == "tpe":
         # `group` models each set of parameters that occur together: the conditional ones are only sometimes there.
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
     # A population of a fifth of the budget (8 to 50) leaves NSGA-II some generations on a small budget.
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, run.trials // 5)))
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, plan.trials // 5)))
 
 
-def _open_study(run: _Run, storage: RDBStorage | None) -> optuna.Study:
+def _open_study(plan: SearchPlan, storage: RDBStorage | None) -> optuna.Study:
     """Create the study, or load it (a resumed search, another worker); the sampler is set per trial."""
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=5) if len(run.objectives) == 1
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=5) if len(plan.objectives) == 1
               else optuna.pruners.NopPruner())  # Optuna prunes single-objective trials only
     import sqlalchemy.exc
 
     try:
-        study = optuna.create_study(study_name=run.study, storage=storage, pruner=pruner, load_if_exists=True,
-                                    directions=["minimize"] * len(run.objectives),
+        study = optuna.create_study(study_name=plan.study, storage=storage, pruner=pruner, load_if_exists=True,
+                                    directions=["minimize"] * len(plan.objectives),
                                     sampler=optuna.samplers.RandomSampler())
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise SearchError(f"cannot open the study in {_shown(run.storage)}: {str(err).splitlines()[0]}") from None
+        raise SearchError(f"cannot open the study in {_shown(plan.storage)}: {str(err).splitlines()[0]}") from None
     except ValueError as err:  # an existing study with another number of objectives
-        raise SearchError(f"study {run.study}: {err}") from None
+        raise SearchError(f"study {plan.study}: {err}") from None
     meta = study.user_attrs.get("gatedsl")
     if meta is None:
-        study.set_user_attr("gatedsl", {"spec": run.spec_file or "<text>",
-                                        "task": run.task, "objective": run.objective_ref,
-                                        "objectives": run.objectives, "sampler": run.sampler})
-    elif meta.get("objectives") != run.objectives:
-        raise SearchError(f"study {run.study} optimises {', '.join(meta['objectives'])}, not "
-                          f"{', '.join(run.objectives)}: name another study")
+        study.set_user_attr("gatedsl", {"spec": plan.spec_file or "<text>",
+                                        "task": plan.task, "objective": plan.objective_ref,
+                                        "objectives": plan.objectives, "sampler": plan.sampler})
+    elif meta.get("objectives") != plan.objectives:
+        raise SearchError(f"study {plan.study} optimises {', '.join(meta['objectives'])}, not "
+                          f"{', '.join(plan.objectives)}: name another study")
     return study
 
 
@@ -515,11 +669,12 @@ class _StorageLock:
 
 
 def tally(study: optuna.Study) -> Tally:
-    """Count the study's trials: a trial failed by an interruption and queued again counts once, as its retry."""
+    """Count the study's trials: a trial failed by an interruption and queued again counts once, as its retry;
+    a trial that repeated a decided candidate (`duplicate_of`) counts as reused, not towards the budget."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     out = Tally(total=len(trials))
-    for t in trials:
+    for t in trials:  # in the order of their numbers: the streak is the run of duplicates at the end
         key = t.user_attrs.get("hash")
         if t.state == TrialState.RUNNING:
             out.running += 1
@@ -527,9 +682,14 @@ def tally(study: optuna.Study) -> Tally:
             out.waiting += 1
         elif t.number in retried:
             continue
+        elif "duplicate_of" in t.user_attrs:
+            out.reused += 1
+            out.streak += 1
+            if t.state == TrialState.COMPLETE and (out.best is None or t.values[0] < out.best):
+                out.best = t.values[0]
         else:
             out.decided += 1
-            out.reused += "duplicate_of" in t.user_attrs
+            out.streak = 0
             if t.state == TrialState.COMPLETE:
                 out.complete += 1
                 if out.best is None or t.values[0] < out.best:
@@ -543,6 +703,21 @@ def tally(study: optuna.Study) -> Tally:
         if key is not None:
             out.covered.add(key)
     return out
+
+
+def _stopped(plan: SearchPlan, counts: Tally, space: Space) -> str | None:
+    """Why a search ended short of `plan.trials` distinct candidates, or None if it reached them."""
+    if counts.decided >= plan.trials:
+        return None
+    limit = _limit(plan, space, _grid(space) if plan.sampler == "grid" else [])
+    short = f"stopped after {counts.decided} of the {plan.trials} trials asked for"
+    if len(counts.covered) >= limit:
+        where = "grid" if plan.sampler == "grid" else "space"
+        return f"{short}: the {where} has {limit:,} candidates and every one has been evaluated"
+    if counts.streak >= DUPLICATE_STREAK:
+        return (f"{short}: its last {counts.streak} trials proposed only candidates evaluated before, so few or "
+                f"none are left to find")
+    return None
 
 
 def _worker_id() -> str:
@@ -598,31 +773,41 @@ def fail_dead_trials(study: optuna.Study, storage: RDBStorage | None) -> int:
     return count
 
 
-def _limit(run: _Run, space: Space, grid_size: int) -> float:
-    return grid_size if run.sampler == "grid" else space.size
+def _grid(space: Space) -> list[dict]:
+    """The grid sampler's candidates, floats at GRID_FLOAT_POINTS values; a SearchError if there are too many."""
+    points = list(itertools.islice(space.grid(GRID_FLOAT_POINTS), MAX_GRID + 1))
+    if len(points) > MAX_GRID:
+        raise SearchError(f"the grid has more than {MAX_GRID:,} candidates (floats at {GRID_FLOAT_POINTS} values): "
+                          f"fix some parameters (-p NAME=VALUE), or use the tpe or random sampler")
+    return [space.canonical(d) for d in points]
 
 
-def _work(run: _Run, *, storage: RDBStorage | None,
-          progress: Callable[[Tally, int], None] | None = None) -> optuna.Study:
+def _limit(plan: SearchPlan, space: Space, grid: list[dict]) -> float:
+    """How many distinct candidates the sampler can propose."""
+    return len(grid) if plan.sampler == "grid" else space.size
+
+
+def _work(plan: SearchPlan, study: optuna.Study, storage: RDBStorage | None, *,
+          progress: Callable[[Tally, int], None] | None = None) -> None:
     """One worker: start trials while the budget and the space last, then wait for the others' trials to end."""
-    space = run.space()
-    grid = [space.canonical(d) for d in space.grid(GRID_FLOAT_POINTS)] if run.sampler == "grid" else []
-    study = _open_study(run, storage)
-    limit = _limit(run, space, len(grid))
-    lock = _StorageLock(run.storage, run.study)
-    objective = _Objective(run, space, grid, study, storage, lock)
+    space = plan.space()
+    grid = _grid(space) if plan.sampler == "grid" else []
+    limit = _limit(plan, space, grid)
+    lock = _StorageLock(plan.storage, plan.study)
+    objective = _Objective(plan, space, grid, study, storage, lock)
     try:
         while True:
             lock.acquire()
             try:
                 fail_dead_trials(study, storage)
                 now = tally(study)
-                room = now.decided + now.pending < run.trials and len(now.covered) < limit
-                if now.decided >= run.trials or (now.pending == 0 and not room):
+                room = (now.decided + now.pending < plan.trials and len(now.covered) < limit
+                        and now.streak < DUPLICATE_STREAK)
+                if now.decided >= plan.trials or (now.pending == 0 and not room):
                     break
                 start = room or now.waiting > 0  # a queued retry holds budget already counted
                 if start:
-                    study.sampler = _sampler(run, len(grid), now.total)
+                    study.sampler = _sampler(plan, len(grid), now.total, explore=now.streak > 0)
                     try:
                         study.optimize(objective, n_trials=1, catch=(_CandidateFailed,))
                     except KeyboardInterrupt:
@@ -632,60 +817,104 @@ def _work(run: _Run, *, storage: RDBStorage | None,
             finally:
                 lock.release()
             if progress is not None:
-                progress(tally(study), run.trials)
+                progress(tally(study), plan.trials)
             if not start:  # what is left of the budget is in other workers' hands: wait for them
                 if storage is not None:
                     optuna.storages.fail_stale_trials(study)
                 time.sleep(POLL_S)
     finally:
         lock.close()
-    return study
 
 
-def _spawn(run: _Run, workers: int, study: optuna.Study, progress) -> None:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+def _spawn(plan: SearchPlan, study: optuna.Study, progress) -> None:
+    """Run `plan.workers` worker processes on the study until they are done; Ctrl-C interrupts them too."""
     # Workers fork from a fresh server process that has imported the engine once: unlike a plain fork they
     # inherit no threads or connections of this process (torch's thread pool, the storage's pool), and unlike
     # spawn they do not each import Optuna, SQLAlchemy and gatedsl again.
     context = get_context("forkserver")
     context.set_forkserver_preload(["gatedsl.search.engine", "alembic.migration", "optuna.storages._rdb.alembic"])
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(_worker_main, run, i) for i in range(workers)]
-        try:
-            while True:
-                done, running = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
-                if progress is not None:
-                    progress(tally(study), run.trials)
-                if not running or any(f.exception() is not None for f in done):
-                    break
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        for f in futures:
-            err = f.exception() if f.done() else None
-            if err is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                if isinstance(err, SearchError):
-                    raise err
-                raise RuntimeError(f"a search worker failed: {err}") from err
+    failures = context.SimpleQueue()
+    me = (os.getpid(), _started(os.getpid()))
+    workers = [context.Process(target=_worker_main, args=(plan, i, me, failures), name=f"gatedsl-search-{i}")
+               for i in range(plan.workers)]
+    try:
+        for w in workers:
+            w.start()
+        while failures.empty():
+            running = [w.sentinel for w in workers if w.exitcode is None]
+            if not running:
+                break
+            wait(running, timeout=0.5)
+            if progress is not None:
+                progress(tally(study), plan.trials)
+    except KeyboardInterrupt:
+        _stop(workers)
+        raise
+    if not failures.empty():
+        _stop(workers)
+        index, usage, message = failures.get()
+        if usage:
+            raise SearchError(message)
+        raise RuntimeError(f"search worker {index} failed: {message}")
+    for w in workers:
+        w.join()
+    dead = [w for w in workers if w.exitcode != 0]
+    if dead:
+        raise RuntimeError(f"search worker {workers.index(dead[0])} died (exit status {dead[0].exitcode})")
 
 
-def _worker_init(threads: int) -> None:
-    # Workers share the machine's cores; torch reads this when it is first imported, in the worker.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+def _stop(workers: list) -> None:
+    """Interrupt the workers still running (each hands its trial back to the study); kill any that hangs."""
+    for w in workers:
+        if w.pid is not None and w.exitcode is None:
+            os.kill(w.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_WAIT_S
+    for w in workers:
+        if w.pid is not None:
+            w.join(max(0.0, deadline - time.monotonic()))
+            if w.exitcode is None:
+                w.kill()
+                w.join()
 
 
-def _worker_main(run: _Run, index: int) -> None:
-    os.chdir(run.cwd)
+def _worker_main(plan: SearchPlan, index: int, parent: tuple[int, str], failures) -> None:
+    _exit_with(*parent)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    os.chdir(plan.cwd)
     with _quiet_optuna():
         try:
-            _work(run, storage=_open_storage(run.storage))
-        except SearchError:
-            raise
+            storage = _open_storage(plan.storage)
+            _work(plan, _open_study(plan, storage), storage)
+        except KeyboardInterrupt:
+            return  # its trial is back in the study; the search's process says what was interrupted
+        except SearchError as err:
+            failures.put((index, True, str(err)))
         except Exception as err:  # sent to the parent as text: not every exception survives pickling
-            import traceback
+            failures.put((index, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
-            raise RuntimeError(f"worker {index}: {type(err).__name__}: {err}\n{traceback.format_exc()}") from None
+
+def _interrupt_once(signum, frame) -> None:
+    # Ctrl-C in a terminal reaches a worker twice, from the terminal and from the search's process: the second
+    # must not cut short the first's handing back of the trial.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _exit_with(pid: int, started: str) -> None:
+    """End this worker within a second of the search's process `pid`, however that ends (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        # The kernel kills a worker when the thread that forked it ends: the forkserver's only thread, which ends
+        # when the search's process does. Unlike the thread below, this stops a worker that C code keeps from
+        # running Python.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while _alive(pid, started):
+            time.sleep(PARENT_POLL_S)
+        # Its trial stays RUNNING: the next search on this machine sees its process gone, fails it and retries it.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="gatedsl-search-parent-watch", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,12 +928,12 @@ class _CandidateFailed(Exception):
 class _Objective:
     """The Optuna objective: suggest a DNA, reuse a duplicate's result, screen it, then evaluate it."""
 
-    def __init__(self, run: _Run, space: Space, grid: list[dict], study: optuna.Study,
+    def __init__(self, plan: SearchPlan, space: Space, grid: list[dict], study: optuna.Study,
                  storage: RDBStorage | None, lock: _StorageLock):
-        self.run, self.space, self.grid, self.study, self.storage, self.lock = run, space, grid, study, storage, lock
-        self.single = len(run.objectives) == 1
-        self.task = _task(run.task, run.task_options) if run.task is not None else None
-        fn = run.objective_fn or (load_objective(run.objective_ref) if run.objective_ref else None)
+        self.plan, self.space, self.grid, self.study, self.storage, self.lock = plan, space, grid, study, storage, lock
+        self.single = len(plan.objectives) == 1
+        self.task = _task(plan.task, plan.task_options) if plan.task is not None else None
+        fn = plan.objective_fn or (load_objective(plan.objective_ref) if plan.objective_ref else None)
         self.fn = fn
         if fn is not None:
             try:
@@ -734,7 +963,8 @@ class _Objective:
             trial.set_user_attr("screened_out", screened.reason)
             raise optuna.TrialPruned(f"screened out: {screened.reason}")
         try:
-            values, attrs = self._evaluate(trial, dna, screened)
+            with _reproducible(_candidate_seed(self.plan.seed, key)) as seed:
+                values, attrs = self._evaluate(trial, dna, screened, seed)
         except (optuna.TrialPruned, SearchError):
             raise
         except Exception as err:
@@ -748,7 +978,7 @@ class _Objective:
         return values[0] if self.single else values
 
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        if self.run.sampler == "grid":
+        if self.plan.sampler == "grid":
             return dict(self.grid[trial.suggest_categorical("grid_point", list(range(len(self.grid))))])
         dna: dict[str, Any] = {}
         for dim in self.space.dimensions:
@@ -805,20 +1035,20 @@ class _Objective:
 
         return report
 
-    def _evaluate(self, trial: optuna.Trial, dna: dict, screened) -> tuple[list[float], dict[str, Any]]:
+    def _evaluate(self, trial: optuna.Trial, dna: dict, screened, seed: int) -> tuple[list[float], dict[str, Any]]:
+        self.prune_requested, self.last_reported = False, math.nan  # not the verdict on an earlier trial
         if self.task is not None:
-            module = self.space.compile(dna, opt_level=self.run.opt_level)
-            result = self.task.evaluate(module, seed=self.run.seed, steps=self.run.steps,
+            module = self.space.compile(dna, opt_level=self.plan.opt_level)
+            result = self.task.evaluate(module, seed=seed, steps=self.plan.steps,
                                         report=self._reporter(trial) if self.single else None)
             attrs = {"metric": result.metric, "metric_name": result.metric_name, "params": result.params,
                      "flops": result.flops if result.flops is not None else screened.flops,
                      "latency_s": result.latency_s, "train_s": result.train_s, "steps": result.steps,
                      "pruned": result.pruned}
-            return [self._builtin(name, attrs) for name in self.run.objectives], attrs
+            return [self._builtin(name, attrs) for name in self.plan.objectives], attrs
 
-        module = None if self.takes_dna else self.space.compile(dna, opt_level=self.run.opt_level)
+        module = None if self.takes_dna else self.space.compile(dna, opt_level=self.plan.opt_level)
         kwargs = {"report": self._reporter(trial)} if self.takes_report else {}
-        self.prune_requested, self.last_reported = False, math.nan
         started = time.perf_counter()
         out = self.fn(dna if self.takes_dna else module, **kwargs)
         attrs: dict[str, Any] = {"params": screened.params, "flops": screened.flops,
@@ -827,23 +1057,23 @@ class _Objective:
             attrs["metric"] = self.last_reported
             return [], attrs
         if isinstance(out, (tuple, list)):
-            if len(out) != len(self.run.objectives):
-                raise SearchError(f"the objective returned {len(out)} values for {len(self.run.objectives)} "
-                                  f"objectives ({', '.join(self.run.objectives)}): name one per value")
+            if len(out) != len(self.plan.objectives):
+                raise SearchError(f"the objective returned {len(out)} values for {len(self.plan.objectives)} "
+                                  f"objectives ({', '.join(self.plan.objectives)}): name one per value")
             values = [float(v) for v in out]
             attrs["metric"] = values[0]
-            for name, value in zip(self.run.objectives, values):
+            for name, value in zip(self.plan.objectives, values):
                 if name in ("params", "flops"):
                     attrs[name] = int(value)
                 elif name == "latency":
                     attrs["latency_s"] = value
             return values, attrs
         attrs["metric"] = float(out)
-        extra = [n for n in self.run.objectives if n not in ("metric", "params", "flops")]
+        extra = [n for n in self.plan.objectives if n not in ("metric", "params", "flops")]
         if extra:  # the screen gives params and FLOPs; latency and anything else only the objective knows
             raise SearchError(f"the objective returned one value, so it cannot also give {', '.join(extra)}: "
                               f"return a tuple, one value per objective")
-        return [self._builtin(name, attrs) for name in self.run.objectives], attrs
+        return [self._builtin(name, attrs) for name in self.plan.objectives], attrs
 
     @staticmethod
     def _builtin(name: str, attrs: dict[str, Any]) -> float:
@@ -853,8 +1083,9 @@ class _Objective:
         return float(value)
 
     def requeue_interrupted(self) -> None:
-        """Queue again the candidate a Ctrl-C cut short (Optuna failed its trial), so a resumed search runs it."""
-        if self.current is None or self.storage is None:
+        """Queue again the candidate a Ctrl-C cut short (Optuna failed its trial), so a resumed search runs it
+        (and an in-memory study's count does not take the interrupted trial for a decided one)."""
+        if self.current is None:
             return
         trial = self.study.get_trials(deepcopy=False)[self.current]
         if trial.state == TrialState.FAIL and "error" not in trial.user_attrs:
@@ -870,10 +1101,6 @@ def _candidate(t: FrozenTrial) -> Candidate:
     return Candidate(number=t.number, dna=a.get("dna", {}), hash=a.get("hash", ""), values=list(t.values),
                      metric=a.get("metric"), params=a.get("params"), flops=a.get("flops"),
                      latency_s=a.get("latency_s"))
-
-
-def _result(run: _Run, study: optuna.Study) -> SearchResult:
-    return _result_of(study, run.storage, run.objectives)
 
 
 def _result_of(study: optuna.Study, url: str | None, objectives: list[str]) -> SearchResult:
@@ -896,9 +1123,9 @@ def _result_of(study: optuna.Study, url: str | None, objectives: list[str]) -> S
             errors[t.user_attrs["error"]] = errors.get(t.user_attrs["error"], 0) + 1
     return SearchResult(study=study.study_name, storage=_shown(url), objectives=list(objectives),
                         trials=counts.decided, complete=counts.complete, pruned=counts.pruned,
-                        screened_out=counts.screened_out, failed=counts.failed, reused=counts.reused, errors=errors, best=best,
-                        leaderboard=board)
+                        screened_out=counts.screened_out, failed=counts.failed, reused=counts.reused, errors=errors,
+                        best=best, leaderboard=board)
 
 
-__all__ = ["search", "load_result", "SearchResult", "Candidate", "Tally", "SearchError", "storage_url",
-           "load_objective", "SAMPLERS", "BUILTIN_OBJECTIVES"]
+__all__ = ["search", "prepare_search", "run_search", "load_result", "SearchPlan", "SearchResult", "Candidate", "Tally",
+           "SearchError", "SearchInterrupted", "storage_url", "load_objective", "SAMPLERS", "BUILTIN_OBJECTIVES"]
