@@ -16,7 +16,7 @@ first value: the model does not read it.
 
 Screening runs the analysis passes on the parsed spec (parsed once, elaborated per candidate), with no
 weights allocated and without torch. Elaboration replays the calls of cells and blocks it has already
-elaborated with the same arguments (passes/elaborate.py CallMemo): a model's layers after the first, and the
+elaborated with the same arguments (passes/elaborate/memo.py CallMemo): a model's layers after the first, and the
 calls the space keeps from earlier candidates; the unit, and so the verdict, is the one elaborating gives.
 """
 
