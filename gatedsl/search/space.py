@@ -37,13 +37,12 @@ from gatedsl.api import load, pick_model
 from gatedsl.errors import NameResolutionError, Note, Span, SpecError, SpecTypeError
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import resolve_import
-from gatedsl.frontend.parameters import override_value
 from gatedsl.frontend.parser import parse
 from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.values import Builtin
 from gatedsl.passes import OPTIMIZATIONS, PIPELINE, check_budgets, elaborate, verify_graph
-from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame
+from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame, override_value
 
 Value = str | int | float | bool
 

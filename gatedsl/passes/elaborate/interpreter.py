@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -21,44 +20,34 @@ from gatedsl.errors import (
 )
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
+from gatedsl.ir.builtins import BUDGETS, BUILTINS
+from gatedsl.ir.elaboration import Frame
 from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, InitSpec, ParamSpec
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY
 from gatedsl.ir.types import Dim, Sym, TensorType, dim_mul
-from gatedsl.ir.values import Builtin, Tensor, describe
+from gatedsl.ir.values import Builtin, Tensor, describe, show, show_int
 from gatedsl.ir.reserved_names import safe_argument_name, safe_attribute_name
-from gatedsl.passes.elaborate.memo import _OVER_LIMIT, CallMemo, _Recording, _Template
-from gatedsl.passes.elaborate.signature import _names_in, _short, _show, _signature_dims, bind_signature
+from gatedsl.passes.elaborate.memo import OVER_LIMIT, CallMemo, Recording, Template
+from gatedsl.passes.elaborate.parameters import bind_model_parameters
+from gatedsl.passes.elaborate.signature import bind_signature, names_in, signature_dims
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
 MAX_SYM_FACTORS = 16  # a symbolic size B*T*... with more factors is surely a runaway product
 
 
-@dataclass
-class Frame:
-    """One invocation of a definition: its graph, its variables and its instance path."""
-
-    definition: ast.Definition
-    graph: Graph
-    path: str  # instance path prefix: "" or "layers.1.cell."
-    env: dict[str, Any]
-    returns: list[Any] | None = None
-    stmt: str = ""  # the statement path being elaborated, e.g. "layers.1.cell.z"
-    # Where the statement's own learned tensors and modules start in graph.params / graph.modules: only those
-    # can sit under its path, so looking for them never scans the whole model (which would be quadratic).
-    stmt_params: int = 0
-    stmt_modules: int = 0
-
-
 class Elaborator:
+    """One elaboration: the frames being evaluated, what they have built so far and the names they have taken
+    (ir/elaboration.py's Elaborating is what the code it calls sees of it)."""
+
     def __init__(self, program: Program, limits: Limits, memo: CallMemo | None = None):
         self.program = program
         self.limits = limits
         # Calls elaborated before, replayed at a new instance path (screening many candidates of one spec).
         self.memo = memo if memo is not None and memo.program is program else None
-        self._recordings: list[_Recording] = []  # the memoised calls being elaborated, innermost last
-        self._calls: dict[tuple, _Template | None] = {}  # the calls this elaboration recorded (see CallMemo)
+        self._recordings: list[Recording] = []  # the memoised calls being elaborated, innermost last
+        self._calls: dict[tuple, Template | None] = {}  # the calls this elaboration recorded (see CallMemo)
         self._signature_dims: dict[int, set[str]] = {}
         self._calls_by_name: dict[int, list[ast.Call]] = {}  # per expression, its calls of param_count/flop_count
         self.budget = 0
@@ -71,9 +60,7 @@ class Elaborator:
         # passes/check_budgets.py checks them once the counts exist (then `counted` is the counted unit).
         self.budget_requires: list[tuple[ast.Require, dict[str, Any]]] = []
         self.counted: ModelIR | None = None
-        from gatedsl.ir import builtins  # registers the primitive functions
-
-        self.builtins = builtins.BUILTINS
+        self.builtins = BUILTINS
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -113,7 +100,7 @@ class Elaborator:
         set by keyword."""
         found = self._signature_dims.get(id(definition))  # the program holds its definitions: ids stay theirs
         if found is None:
-            found = self._signature_dims[id(definition)] = _signature_dims(definition)
+            found = self._signature_dims[id(definition)] = signature_dims(definition)
         return found
 
     def module_path(self, role: str) -> str:
@@ -192,8 +179,6 @@ class Elaborator:
 
     # --------------------------------------------------------------- the model
     def elaborate_model(self, model: ast.Definition, overrides: dict[str, Any]) -> tuple[Graph, dict[str, Any]]:
-        from gatedsl.frontend.parameters import bind_model_parameters
-
         graph = Graph(model.name)
         frame = Frame(model, graph, "", {})
         self.stack.append(frame)
@@ -262,7 +247,7 @@ class Elaborator:
         if not self.static_bool(stmt.cond, "a `require` condition"):
             notes = self._binding_notes(stmt.cond)
             for call in self.budget_calls(stmt.cond):
-                sizes = ", ".join(f"{kw.name}={_show(self.eval(kw.value))}" for kw in call.kwargs)
+                sizes = ", ".join(f"{kw.name}={show(self.eval(kw.value))}" for kw in call.kwargs)
                 notes.append(Note(f"{call.func.id}({sizes}) = {self.eval(call):,}", call.span))
             raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
                             notes=notes)
@@ -276,8 +261,8 @@ class Elaborator:
         return [c for c in calls if c.func.id not in env and c.func.id not in definitions]
 
     def _binding_notes(self, expr: ast.Expr) -> list[Note]:
-        names = sorted({n.id for n in _names_in(expr) if n.id in self.frame.env})
-        shown = [f"{n} = {_show(self.frame.env[n])}" for n in names]
+        names = sorted({n.id for n in names_in(expr) if n.id in self.frame.env})
+        shown = [f"{n} = {show(self.frame.env[n])}" for n in names]
         return [Note(", ".join(shown))] if shown else []
 
     def set_stmt(self, target: str) -> None:
@@ -457,7 +442,7 @@ class Elaborator:
 
     def number(self, expr: ast.Number) -> int | float:
         if isinstance(expr.value, int) and expr.value.bit_length() > MAX_INT_BITS:
-            raise LimitError(f"the integer {_short(expr.value)} is too large", expr.span,
+            raise LimitError(f"the integer {show_int(expr.value)} is too large", expr.span,
                              help=f"static integers have at most {MAX_INT_BITS} bits")
         if isinstance(expr.value, float) and not math.isfinite(expr.value):
             raise LimitError("a number overflows to infinity", expr.span)
@@ -553,7 +538,7 @@ class Elaborator:
         if isinstance(callee, Builtin):
             value = self.builtins[callee.name](self, expr)
             if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
-                raise LimitError(f"{callee.name} gives {_short(value)}, which is too large", expr.span,
+                raise LimitError(f"{callee.name} gives {show_int(value)}, which is too large", expr.span,
                                  help=f"static integers have at most {MAX_INT_BITS} bits")
             return value
         if isinstance(callee, ast.Definition):
@@ -601,12 +586,12 @@ class Elaborator:
         found, template = memo.get(key, self._calls)
         if template is not None:
             replayed = template.replay(self, path, ports)
-            if replayed is not _OVER_LIMIT:
+            if replayed is not OVER_LIMIT:
                 return replayed[0]
             # Over a limit: elaborate, so that the error names the op or tensor where the limit is crossed.
         elif found:  # known not to be memoisable
             return elaborate()
-        recording = _Recording(self)
+        recording = Recording(self)
         self._recordings.append(recording)
         try:
             value = elaborate()
@@ -823,7 +808,7 @@ class Elaborator:
             if not isinstance(value, Tensor) or value.type != captured[name].type:
                 raise ShapeError(
                     f"{name} is carried from stage to stage, so it must stay {captured[name].type}; "
-                    f"stage {index} makes it {_show(value)}", value.origin if isinstance(value, Tensor) else expr.span,
+                    f"stage {index} makes it {show(value)}", value.origin if isinstance(value, Tensor) else expr.span,
                     notes=[Note(f"{name} is {captured[name].type} before the cascade", captured[name].origin)])
         graph.outputs = [("exit", head.port), ("gate", gate.port)] + [(n, frame.env[n].port) for n in carried]
         return graph, head, gate, threshold
@@ -1017,8 +1002,6 @@ def _cascade_names(body: list[ast.Stmt]) -> tuple[list[ast.Name], list[str]]:
 
 def _budget_named_calls(expr: ast.Node) -> list[ast.Call]:
     """The calls in `expr` of a function named param_count or flop_count, outermost first."""
-    from gatedsl.ir.builtins import BUDGETS
-
     found = []
     if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in BUDGETS:
         found.append(expr)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from gatedsl.errors import Span
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
 from gatedsl.ir.graph import NODE_KEYS, GateMark, Graph, ModuleSpec, ParamSpec, Port
 from gatedsl.ir.types import Dim, Sym, TensorType
+from gatedsl.ir.elaboration import Elaborating
 from gatedsl.ir.values import Builtin, Tensor
-from gatedsl.passes.elaborate.signature import _names_in
-
-if TYPE_CHECKING:
-    from gatedsl.passes.elaborate.interpreter import Elaborator
+from gatedsl.passes.elaborate.signature import names_in
 
 # Attribute fields that hold instance paths, per op: a call replayed at another path gets these re-pathed. A
 # recorded node with any other string under the call's path, or holding a graph other than a scan's body (a
@@ -22,7 +20,7 @@ if TYPE_CHECKING:
 _PATH_FIELDS = {"param": ("path",), "linear": ("weight", "bias"), "norm": ("weight", "bias"),
                 "conv": ("weight", "bias"), "embedding": ("weight",), "dropout": ("module",),
                 "noise": ("module",), "scan": ("path",)}
-_OVER_LIMIT = object()  # a replay that would cross max_nodes or max_params
+OVER_LIMIT = object()  # a replay that would cross max_nodes or max_params
 _UNBOUND = object()  # a name a callee's parameter domain reads that the caller has not bound
 
 
@@ -52,7 +50,7 @@ class CallMemo:
         self.program = program
         self.max_entries = max_entries
         self.max_seen = max_seen
-        self._templates: dict[tuple, _Template | None] = {}  # None: the call is not memoisable
+        self._templates: dict[tuple, Template | None] = {}  # None: the call is not memoisable
         self._seen: set[int] = set()  # hashes of the keys of the calls recorded and not kept
         self._domain_names: dict[int, tuple[str, ...]] = {}
         self.hits = 0  # calls replayed
@@ -64,7 +62,7 @@ class CallMemo:
     def __len__(self) -> int:
         return len(self._templates)
 
-    def key(self, el: Elaborator, site: tuple, callee: ast.Definition, args: list,
+    def key(self, el: Elaborating, site: tuple, callee: ast.Definition, args: list,
             kwargs: dict[str, tuple[Any, Span]]) -> tuple[tuple | None, list[Port] | None]:
         """The call as a memo key, and the ports of the tensors among its arguments, in key order."""
         frame = el.frame
@@ -93,11 +91,11 @@ class CallMemo:
                 if vt is not None:
                     for expr in [vt.low, vt.high] + list(vt.choices or []):
                         if expr is not None:
-                            found |= {n.id for n in _names_in(expr)}
+                            found |= {n.id for n in names_in(expr)}
             names = self._domain_names[id(callee)] = tuple(sorted(found))
         return names
 
-    def get(self, key: tuple, calls: dict[tuple, _Template | None]) -> tuple[bool, _Template | None]:
+    def get(self, key: tuple, calls: dict[tuple, Template | None]) -> tuple[bool, Template | None]:
         """(whether the call is known, its record: None where it is not memoisable), from `calls`, the records of
         the current elaboration, or the memo's."""
         if key in calls:
@@ -112,7 +110,7 @@ class CallMemo:
             self.misses += 1
         return found, template
 
-    def put(self, key: tuple, template: _Template | None, calls: dict[tuple, _Template | None]) -> None:
+    def put(self, key: tuple, template: Template | None, calls: dict[tuple, Template | None]) -> None:
         """Record a call for the current elaboration (`calls`), and keep it if it was seen in an earlier one."""
         calls[key] = template
         seen = hash(key)
@@ -160,10 +158,10 @@ def _shape_key(shape: tuple[Dim, ...]) -> tuple:
     return tuple(d if type(d) is int else (d.factors, d.coeff) for d in shape)
 
 
-class _Recording:
+class Recording:
     """Where the state stood when a memoised call started: what it adds is read off after it, as the template."""
 
-    def __init__(self, el: Elaborator):
+    def __init__(self, el: Elaborating):
         frame = el.frame
         self.graph = frame.graph
         self.start = frame.graph._next
@@ -173,7 +171,7 @@ class _Recording:
                        len(frame.graph.modules), len(top.aux), len(el.shapes), len(el.used_names),
                        len(frame.graph.inputs), len(frame.graph.outputs))
 
-    def template(self, el: Elaborator, path: str, ports: list[Port], result: Any) -> _Template | None:
+    def template(self, el: Elaborating, path: str, ports: list[Port], result: Any) -> Template | None:
         graph, top = self.graph, el.stack[0].graph
         budget, param_total, declared, params, modules, aux, shapes, used, inputs, outputs = self.counts
         if not self.memoisable or (len(graph.inputs), len(graph.outputs)) != (inputs, outputs) \
@@ -199,7 +197,7 @@ class _Recording:
             new_declared = el.declared_params[declared:]
             if any(id(p) not in recorded for p in new_declared):
                 return None
-            return _Template(
+            return Template(
                 ticks=el.budget - budget, numel=el.param_total - param_total, nodes=nodes,
                 params=[_param_template(p, base) for p in new_params],
                 modules=[_module_template(m, base) for m in graph.modules[modules:]],
@@ -298,7 +296,7 @@ class _GraphTemplate:
         return graph
 
 
-class _Template:
+class Template:
     """What a call added, relative to its instance path; `replay` adds it again at another one."""
 
     def __init__(self, *, ticks, numel, nodes, params, modules, aux, declared, shapes, used_names, result):
@@ -306,11 +304,11 @@ class _Template:
         self.params, self.modules, self.aux, self.declared = params, modules, aux, declared
         self.shapes, self.used_names, self.result = shapes, used_names, result
 
-    def replay(self, el: Elaborator, path: str, ports: list[Port]) -> tuple[Any] | object:
+    def replay(self, el: Elaborating, path: str, ports: list[Port]) -> tuple[Any] | object:
         """Add the call at instance `path` of the current frame, reading its tensor arguments at `ports`: (the
-        call's value,), or _OVER_LIMIT where elaborating it would stop at a limit (the counts only grow)."""
+        call's value,), or OVER_LIMIT where elaborating it would stop at a limit (the counts only grow)."""
         if el.budget + self.ticks > el.limits.max_nodes or el.param_total + self.numel > el.limits.max_params:
-            return _OVER_LIMIT
+            return OVER_LIMIT
         graph, base = el.frame.graph, path[:-1]
         start = graph._next
         specs: dict[int, ParamSpec] = {}

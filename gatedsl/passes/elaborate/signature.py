@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gatedsl.errors import LimitError, Note, ShapeError, Span, SpecTypeError
 from gatedsl.frontend import ast
 from gatedsl.ir.types import Dim, Sym, TensorType, show_shape
-from gatedsl.ir.values import Builtin, Tensor, describe
-
-if TYPE_CHECKING:
-    from gatedsl.passes.elaborate.interpreter import Elaborator, Frame
+from gatedsl.ir.elaboration import Elaborating, Frame
+from gatedsl.ir.values import Builtin, Tensor, describe, show, show_int
 
 
 def bind_signature(
-    el: Elaborator,
+    el: Elaborating,
     definition: ast.Definition,
     frame: Frame,
     args: list[Any],
@@ -114,13 +112,13 @@ def bind_signature(
     return result
 
 
-def _signature_dims(definition: ast.Definition) -> set[str]:
+def signature_dims(definition: ast.Definition) -> set[str]:
     names = set()
     for p in definition.params:
         if p.tensor is not None:
             for d in p.tensor.dims:
                 if isinstance(d, ast.Expr):
-                    names |= {n.id for n in _names_in(d)}
+                    names |= {n.id for n in names_in(d)}
     return names
 
 
@@ -134,7 +132,7 @@ def _find_axis(ttype: TensorType, axis: str | int | Sym) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def unify(el: Elaborator, definition: ast.Definition, p: ast.Param, actual: TensorType, env: dict, star: list,
+def unify(el: Elaborating, definition: ast.Definition, p: ast.Param, actual: TensorType, env: dict, star: list,
           span: Span, value: Tensor) -> None:
     pattern = p.tensor
     dims = pattern.dims
@@ -164,15 +162,13 @@ def unify(el: Elaborator, definition: ast.Definition, p: ast.Param, actual: Tens
                 and d.id not in el.program.definitions:
             env[d.id] = size  # a free dim: bound by this argument
             continue
-        from gatedsl.passes.elaborate.interpreter import Frame
-
         el.stack.append(Frame(definition, el.frame.graph, "", env))
         try:
             expected = el.as_dim(el.eval(d), d.span)
         finally:
             el.stack.pop()
         if expected != size:
-            bound = ", ".join(f"{n.id} = {_show(env[n.id])}" for n in _names_in(d) if n.id in env)
+            bound = ", ".join(f"{n.id} = {show(env[n.id])}" for n in names_in(d) if n.id in env)
             raise ShapeError(
                 f"argument '{p.name}' of {definition.name}: expected {_dim_src(d)} = {expected}, got {size} "
                 f"(in {actual})",
@@ -189,7 +185,7 @@ def _dim_src(d) -> str:
     return "…"
 
 
-def _declared_type(el: Elaborator, definition: ast.Definition, p: ast.Param, env: dict,
+def _declared_type(el: Elaborating, definition: ast.Definition, p: ast.Param, env: dict,
                    star: tuple[Dim, ...] | None, span: Span) -> TensorType:
     dims: list[Dim] = []
     for d in p.tensor.dims:
@@ -210,7 +206,7 @@ def _declared_type(el: Elaborator, definition: ast.Definition, p: ast.Param, env
     return TensorType(tuple(dims), p.tensor.dtype)
 
 
-def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> Any:
+def check_value_param(el: Elaborating, p: ast.Param, value: Any, span: Span) -> Any:
     """Check a static argument against its declared type and domain."""
     vt = p.value_type
     if vt is None:
@@ -226,7 +222,7 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
         try:
             value = float(value)
         except OverflowError:
-            raise LimitError(f"'{p.name}' = {_short(value)} is too large for a float", span) from None
+            raise LimitError(f"'{p.name}' = {show_int(value)} is too large for a float", span) from None
         if not math.isfinite(value):
             raise SpecTypeError(f"'{p.name}' must be a finite float, got {value}", span)
     elif vt.kind == "bool":
@@ -242,8 +238,8 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
     elif vt.kind == "choice":
         choices = [el.eval(c) for c in vt.choices]
         if not any(_same(value, c) for c in choices):
-            shown = ", ".join(_show(c) for c in choices)
-            raise SpecTypeError(f"'{p.name}' must be one of {{{shown}}}, got {_show(value)}", span,
+            shown = ", ".join(show(c) for c in choices)
+            raise SpecTypeError(f"'{p.name}' must be one of {{{shown}}}, got {show(value)}", span,
                                 notes=[Note("declared here", p.span)])
     if vt.kind in ("int", "float") and vt.low is not None:
         low, high = el.eval(vt.low), el.eval(vt.high)
@@ -252,12 +248,12 @@ def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> A
                 raise SpecTypeError(f"the domain of '{p.name}' needs static numbers as bounds, got {describe(bound)}",
                                     node.span)
         if low > high:
-            raise SpecTypeError(f"the domain {_show(low)}..{_show(high)} of '{p.name}' is empty", vt.span)
+            raise SpecTypeError(f"the domain {show(low)}..{show(high)} of '{p.name}' is empty", vt.span)
         if vt.log and low <= 0:
-            raise SpecTypeError(f"a log domain needs a positive lower bound, got {_show(low)}", vt.low.span)
+            raise SpecTypeError(f"a log domain needs a positive lower bound, got {show(low)}", vt.low.span)
         if not (low <= value <= high):
-            shown = _short(value) if isinstance(value, int) else _show(value)
-            raise SpecTypeError(f"'{p.name}' = {shown} is outside its domain {_show(low)}..{_show(high)}", span,
+            shown = show_int(value) if isinstance(value, int) else show(value)
+            raise SpecTypeError(f"'{p.name}' = {shown} is outside its domain {show(low)}..{show(high)}", span,
                                 notes=[Note("declared here", p.span)])
     return value
 
@@ -268,28 +264,14 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _short(n: int) -> str:
-    text = str(n)
-    return text if len(text) <= 30 else f"{text[:12]}…{text[-6:]} ({len(text)} digits)"
-
-
-def _names_in(expr: ast.Expr):
+def names_in(expr: ast.Expr):
+    """Every name `expr` reads, in order."""
     if isinstance(expr, ast.Name):
         yield expr
     for value in vars(expr).values():
         if isinstance(value, ast.Expr):
-            yield from _names_in(value)
+            yield from names_in(value)
         elif isinstance(value, list):
             for v in value:
                 if isinstance(v, ast.Expr):
-                    yield from _names_in(v)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return str(value.type)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, ast.Definition):
-        return value.name
-    return str(value)
+                    yield from names_in(v)
