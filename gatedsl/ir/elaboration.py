@@ -1,9 +1,9 @@
-"""An elaboration in progress as the code it calls sees it: a Frame per invocation, and the Elaborating interface (passes/elaborate's Elaborator) through which primitives, signature binding and the call memo build the graph."""
+"""An elaboration in progress as the code it calls sees it: a Frame per invocation, the Names taken under each instance path, and the Elaborating interface (passes/elaborate's Elaborator) through which primitives, signature binding and the call memo build the graph."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from gatedsl.errors import Span
 from gatedsl.frontend import ast
@@ -30,6 +30,31 @@ class Frame:
     stmt_modules: int = 0
 
 
+class Names:
+    """The names taken under one instance-path prefix: `fresh(base)` takes `base`, or else the first of base_1,
+    base_2, ... not taken."""
+
+    __slots__ = ("taken", "_next")
+
+    def __init__(self, taken: Iterable[str] = ()):
+        self.taken = set(taken)
+        # Per base, the suffix to try first: every one below it was taken when the base was last asked for, and
+        # a name is never given back, so each look-up goes on from there (`h = h + 1` N times is linear, not
+        # quadratic) and finds what a search from the bare base would.
+        self._next: dict[str, int] = {}
+
+    def fresh(self, base: str) -> str:
+        taken = self.taken
+        i = self._next.get(base, 0)
+        name = f"{base}_{i}" if i else base
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        self._next[base] = i + 1
+        return name
+
+
 class Elaborating(Protocol):
     """The elaborator, as what it calls back sees it: the frames being elaborated (innermost last), what has been
     built so far, and the operations that evaluate the spec and add to the graph."""
@@ -42,7 +67,7 @@ class Elaborating(Protocol):
     param_total: int  # learned elements declared, against limits.max_params
     declared_params: list[ParamSpec]
     shapes: dict[str, TensorType]  # every named tensor's type, by instance path
-    used_names: dict[str, set[str]]  # per instance-path prefix, the names taken
+    used_names: dict[str, Names]  # per instance-path prefix, the names taken
     counted: ModelIR | None  # the counted unit, where model-level budgets are checked (None while elaborating)
 
     @property

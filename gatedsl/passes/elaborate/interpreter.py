@@ -21,7 +21,7 @@ from gatedsl.errors import (
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
 from gatedsl.ir.builtins import BUDGETS, BUILTINS
-from gatedsl.ir.elaboration import Frame
+from gatedsl.ir.elaboration import Frame, Names
 from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, InitSpec, ParamSpec
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY
@@ -54,7 +54,7 @@ class Elaborator:
         self.param_total = 0  # learned elements declared so far
         self.declared_params: list[ParamSpec] = []  # every learned tensor so far, for the over-the-limit diagnostic
         self.stack: list[Frame] = []
-        self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
+        self.used_names: dict[str, Names] = {}  # per path prefix, names already taken
         self.shapes: dict[str, TensorType] = {}
         # Model-level `require`s that read param_count()/flop_count(), with the names bound where they stand:
         # passes/check_budgets.py checks them once the counts exist (then `counted` is the counted unit).
@@ -77,16 +77,13 @@ class Elaborator:
             )
 
     def unique(self, prefix: str, base: str) -> str:
-        taken = self.used_names.setdefault(prefix, set())
+        """A name not yet taken under instance-path prefix `prefix`: `base`, else base_1, base_2, ..."""
+        names = self.used_names.get(prefix)
+        if names is None:
+            names = self.used_names[prefix] = Names()
         # Instance paths become torch module attributes and Python names in generated code: keywords,
         # nn.Module / GraphModule attributes (training, forward, state_dict, ...) and _private names get a "_".
-        base = safe_attribute_name(base)
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
+        return names.fresh(safe_attribute_name(base))
 
     def argument_name(self, name: str) -> str:
         """The name an input takes in the current graph's generated forward(): the spec's, unless Python or

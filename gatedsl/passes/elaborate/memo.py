@@ -10,7 +10,7 @@ from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
 from gatedsl.ir.graph import NODE_KEYS, GateMark, Graph, ModuleSpec, ParamSpec, Port
 from gatedsl.ir.types import Dim, Sym, TensorType
-from gatedsl.ir.elaboration import Elaborating
+from gatedsl.ir.elaboration import Elaborating, Names
 from gatedsl.ir.values import Builtin, Tensor
 from gatedsl.passes.elaborate.signature import names_in
 
@@ -205,7 +205,7 @@ class Recording:
                 declared=[id(p) for p in new_declared],
                 shapes=tuple(zip(*[(_relative(k, base), v)
                                    for k, v in _tail(el.shapes, len(el.shapes) - shapes)])) or ((), ()),
-                used_names=tuple((_relative(k, base), tuple(v))
+                used_names=tuple((_relative(k, base), tuple(v.taken))
                                  for k, v in _tail(el.used_names, len(el.used_names) - used)),
                 result=_pack(result, ref))
         except _NotMemoisable:
@@ -323,7 +323,7 @@ class Template:
         for rel, ttype in zip(*self.shapes):
             shapes[base + rel] = ttype
         for rel, names in self.used_names:
-            used_names[base + rel] = set(names)
+            used_names[base + rel] = Names(names)
         return (_unpack(self.result, start, ports),)
 
 
