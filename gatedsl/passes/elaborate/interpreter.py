@@ -551,7 +551,7 @@ class Elaborator:
         """Inline a block (or one step of a cell) at the call site."""
         self._enter_check(definition, call.span)
         path = self.frame.path + self.unique(self.frame.path, name) + "."
-        return self.memoised(("call", id(call)), definition, args, kwargs, path,
+        return self.run_call(("call", id(call)), definition, call, args, kwargs, path,
                              lambda: self._invoke(definition, args, kwargs, call, path))
 
     def _invoke(self, definition: ast.Definition, args, kwargs, call: ast.Expr, path: str) -> Any:
@@ -571,31 +571,36 @@ class Elaborator:
             raise SpecError(f"block {definition.name} has no `return`", definition.span)
         return frame.returns[0] if len(frame.returns) == 1 else tuple(frame.returns)
 
-    def memoised(self, site: tuple, callee: ast.Definition, args: list, kwargs: dict, path: str,
+    def run_call(self, site: tuple, callee: ast.Definition, call: ast.Expr, args: list, kwargs: dict, path: str,
                  elaborate: Callable[[], Any]) -> Any:
-        """`elaborate()`, the call of `callee` at `site` with these arguments, made at instance `path` in the
-        current frame: replayed from the memo where the same call was elaborated with the same arguments and
-        in the same place before, else elaborated (and recorded)."""
-        memo = self.memo
-        key, ports = memo.key(self, site, callee, args, kwargs) if memo is not None else (None, None)
-        if key is None:
-            return elaborate()
-        found, template = memo.get(key, self._calls)
-        if template is not None:
-            replayed = template.replay(self, path, ports)
-            if replayed is not OVER_LIMIT:
-                return replayed[0]
-            # Over a limit: elaborate, so that the error names the op or tensor where the limit is crossed.
-        elif found:  # known not to be memoisable
-            return elaborate()
-        recording = Recording(self)
-        self._recordings.append(recording)
+        """`elaborate()`, the call (or scan) `call` of `callee` at `site` with these arguments, made at instance
+        `path` in the current frame: replayed from the memo where the same call was elaborated with the same
+        arguments and in the same place before, else elaborated (and recorded). An error from inside the callee
+        leaves with a note at `call` (see _note_call)."""
         try:
-            value = elaborate()
-        finally:
-            self._recordings.pop()
-        memo.put(key, recording.template(self, path, ports, value), self._calls)
-        return value
+            memo = self.memo
+            key, ports = memo.key(self, site, callee, args, kwargs) if memo is not None else (None, None)
+            if key is None:
+                return elaborate()
+            found, template = memo.get(key, self._calls)
+            if template is not None:
+                replayed = template.replay(self, path, ports)
+                if replayed is not OVER_LIMIT:
+                    return replayed[0]
+                # Over a limit: elaborate, so that the error names the op or tensor where the limit is crossed.
+            elif found:  # known not to be memoisable
+                return elaborate()
+            recording = Recording(self)
+            self._recordings.append(recording)
+            try:
+                value = elaborate()
+            finally:
+                self._recordings.pop()
+            memo.put(key, recording.template(self, path, ports, value), self._calls)
+            return value
+        except SpecError as err:
+            _note_call(err, callee, call)
+            raise
 
     def _touch(self, node: int) -> None:
         """A node is about to be renamed or marked: a body being recorded must not change one it did not add."""
@@ -669,7 +674,7 @@ class Elaborator:
         if isinstance(axis, str) and isinstance(self.frame.env.get(axis), Sym):
             axis = self.frame.env[axis]
         label = self.frame.stmt.rsplit(".", 1)[-1]
-        return self.memoised(("scan", id(expr), want_all, axis, label), cell, args, kwargs, path,
+        return self.run_call(("scan", id(expr), want_all, axis, label), cell, expr, args, kwargs, path,
                              lambda: self._scan(expr, want_all, cell, args, kwargs, path, axis, label))
 
     def _scan(self, expr: ast.Scan, want_all: bool, cell: ast.Definition, args: list, kwargs: dict, path: str,
@@ -952,6 +957,31 @@ def _check_constants(op: str, values, span: Span) -> None:
             raise LimitError(f"{op}: the constant {v:g} does not fit in a float32 tensor", span)
         elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
             raise LimitError(f"{op}: the constant {v} does not fit in an int64 tensor", span)
+
+
+class CallNote(Note):
+    """A note at a call an error happened inside of: with its callers' notes, a chain down from the user's spec."""
+
+
+def _note_call(err: SpecError, callee: ast.Definition, call: ast.Expr) -> None:
+    """Add a note at `call` to an error that lies inside `callee` (or that a note at a call in it already leads
+    to), before the notes at the calls inside: the chain then reads from the user's call site down to the
+    error, as rustc shows macro expansions. An error at the call itself (an argument that does not fit) lies in
+    the caller, and gets its note, if any, from the caller's call."""
+    first = next((i for i, note in enumerate(err.notes) if type(note) is CallNote), None)
+    if first is None and not _inside(err.span, callee.span):
+        return
+    if isinstance(call, ast.Scan):
+        name, how = call.cell.id, "scan of"
+    else:
+        name, how = (call.func.id if isinstance(call.func, ast.Name) else callee.name), "call to"
+    shown = name if name == callee.name else f"{name} ({callee.kind} {callee.name})"
+    err.insert_note(len(err.notes) if first is None else first, CallNote(f"in this {how} {shown}", call.span))
+
+
+def _inside(span: Span, region: Span) -> bool:
+    return span.file == region.file and region.end_line is not None and \
+        (region.line, region.column) <= (span.line, span.column) <= (region.end_line, region.end_column or 0)
 
 
 def _describe_operand(t: Tensor) -> str:
