@@ -8,9 +8,9 @@ from typing import Any, Callable
 from gatedsl.errors import Span
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
+from gatedsl.ir.elaboration import Elaborating, Names
 from gatedsl.ir.graph import NODE_KEYS, GateMark, Graph, ModuleSpec, ParamSpec, Port
 from gatedsl.ir.types import Dim, Sym, TensorType
-from gatedsl.ir.elaboration import Elaborating, Names
 from gatedsl.ir.values import Builtin, Tensor
 from gatedsl.passes.elaborate.signature import names_in
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from gatedsl.errors import LimitError, Note, ShapeError, Span, SpecTypeError
 from gatedsl.frontend import ast
-from gatedsl.ir.types import Dim, Sym, TensorType, show_shape
 from gatedsl.ir.elaboration import Elaborating, Frame
+from gatedsl.ir.types import Dim, Sym, TensorType, show_shape
 from gatedsl.ir.values import Builtin, Tensor, describe, show, show_int
 
 
