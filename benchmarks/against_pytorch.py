@@ -2,8 +2,8 @@
 
 Run:  python benchmarks/against_pytorch.py [--threads 2] [--repeats 7] [--case NAME]... [--quick] [--json OUT]
 
-The cases and the timing harness are in gatedsl/bench.py, the hand-written baselines in
-benchmarks/baselines.py, the benchmark-only specs in benchmarks/specs/. Each case runs
+The cases and the timing harness are in gatedsl/bench/, the hand-written baselines in
+gatedsl/bench/baselines.py, the benchmark-only specs in benchmarks/specs/. Each case runs
 gatedsl and its baselines in one process, interleaved, after warm-up, and reports medians
 and the ratio gatedsl / baseline, forward and forward+backward.
 """

@@ -7,11 +7,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gatedsl.errors import SpecError, Span
+from gatedsl.errors import SizeError, SpecError, Span
 from gatedsl.frontend import ast
-from gatedsl.frontend.loader import Program, load_path, load_text
+from gatedsl.frontend.loader import MAX_FILE_SIZE, Program, load_path, load_text
 from gatedsl.ir.model import Limits, ModelIR, Target
-from gatedsl.ir.types import TensorType
+from gatedsl.ir.types import Sym, TensorType
 from gatedsl.passes import MAX_OPT_LEVEL, run_pipeline
 
 ShapeList = list[int | str]
@@ -37,6 +37,7 @@ class Report(BaseModel):
     params_by_block: dict[str, int]
     flops: int  # with every symbolic size set by `dims` (1 where not given)
     flops_expr: str  # the same as a polynomial in the symbolic sizes
+    sizes: dict[str, int]  # every symbolic size of the model (B, T, ...) and the value `flops` counts it at
     gates: list[GateInfo]
     shapes: dict[str, ShapeList]  # every named value, by instance path
     aux: dict[str, ShapeList] = {}  # `aux NAME = ...` values by instance path, as gatedsl.aux_outputs(model) gives them
@@ -47,14 +48,18 @@ def _shape(t: TensorType) -> ShapeList:
     return [d if isinstance(d, int) else str(d) for d in t.shape]
 
 
-def load(spec: str | Path | Program) -> Program:
-    """Parse a spec given as a path or as source text, with its imports (a Program, already parsed, is used as is)."""
+def load(spec: str | Path | Program, *, max_file_size: int | None = None) -> Program:
+    """Parse a spec given as a path or as source text, with its imports (a Program, already parsed, is used as is).
+
+    Each file (and a text) may hold at most `max_file_size` bytes (default MAX_FILE_SIZE, 4 MiB), checked before
+    it is read; a path must name a .gate file."""
+    limit = MAX_FILE_SIZE if max_file_size is None else max_file_size
     if isinstance(spec, Program):
         return spec
     if isinstance(spec, Path):
-        return load_path(spec)
+        return load_path(spec, max_file_size=limit)
     looks_like_path = "\n" not in spec and "{" not in spec and (spec.endswith(".gate") or Path(spec).is_file())
-    return load_path(spec) if looks_like_path else load_text(spec)
+    return load_path(spec, max_file_size=limit) if looks_like_path else load_text(spec, max_file_size=limit)
 
 
 def pick_model(program: Program, name: str | None) -> ast.Definition:
@@ -80,7 +85,7 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
             max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
-            standalone: bool = False) -> ModelIR:
+            standalone: bool = False, max_file_size: int | None = None) -> ModelIR:
     """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit.
 
     `target` (device, dtype, training) is what the kernel choices in the report are made for;
@@ -91,16 +96,43 @@ def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: st
     target = target or Target()
     if target.device not in _DEVICES or target.dtype not in _DTYPES:
         raise ValueError(f"target device must be one of {_DEVICES} and dtype one of {_DTYPES}, got {target}")
-    program = load(spec)
+    program = load(spec, max_file_size=max_file_size)
     limits = Limits() if max_params is None else Limits(max_params=max_params)
     unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level,
                    target=target, standalone=standalone)
     return run_pipeline(unit)
 
 
+def symbolic_sizes(unit: ModelIR) -> list[str]:
+    """The model's symbolic sizes (B, T, ...): every name in its input and output shapes and its FLOP count, in the
+    order the inputs first name them."""
+    g = unit.graph
+    types = [g.node(n)["attrs"].type for _, n in g.inputs] + [g.type_of(port) for _, port in g.outputs]
+    names = [f for t in types for d in t.shape if isinstance(d, Sym) for f in d.factors]
+    names += sorted(f for factors in unit.flops.terms for f in factors)
+    return list(dict.fromkeys(names))
+
+
+def check_dims(dims: dict[str, Any], sizes: list[str] | None, model: str) -> None:
+    """Raise SizeError unless every entry of `dims` gives a positive int to one of `sizes`, model `model`'s symbolic
+    sizes (a Report's `sizes`, or symbolic_sizes(unit)); with `sizes` None any name goes, as for `report`, where one
+    dict may size several models."""
+    for name, size in dims.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SizeError(f"{name}={size}: a size must be a positive integer")
+        if sizes is not None and name not in sizes:
+            known = ", ".join(sizes) if sizes else "none (every size is fixed)"
+            raise SizeError(f"{name}={size}: model {model} has no symbolic size '{name}'; its sizes are: {known}")
+
+
 def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
+    """What `check` returns for an analysed unit; `dims` sizes symbolic dims for the FLOP count (SizeError if one
+    is not a positive int; a name the model lacks counts for nothing)."""
     g = unit.graph
     inputs = {name: g.node(n)["attrs"].type for name, n in g.inputs}
+    sizes = symbolic_sizes(unit)
+    dims = dict(dims or {})
+    check_dims(dims, None, unit.model.name)
     return Report(
         model=unit.model.name,
         file=unit.model.file,
@@ -113,6 +145,7 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
         params_by_block=unit.params_by_block,
         flops=unit.flops.evaluate(dims),
         flops_expr=str(unit.flops),
+        sizes={name: dims.get(name, 1) for name in sizes},
         gates=[GateInfo(**m.model_dump()) for m in g.gates()],
         shapes={k: _shape(t) for k, t in unit.shapes.items()},
         aux={name: _shape(g.type_of(port)) for name, port in g.aux},
@@ -122,14 +155,15 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
 
 def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
           max_params: int | None = None, dims: dict[str, int] | None = None,
-          opt_level: int = MAX_OPT_LEVEL, target: Target | None = None) -> Report:
+          opt_level: int = MAX_OPT_LEVEL, target: Target | None = None, max_file_size: int | None = None) -> Report:
     """Validate a spec and report its shapes, parameter count, FLOPs, gates and kernels, allocating no weights."""
-    return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target), dims)
+    return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target,
+                          max_file_size=max_file_size), dims)
 
 
 def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
             max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
-            standalone: bool = False):
+            standalone: bool = False, max_file_size: int | None = None):
     """Compile a spec to a trainable torch.fx.GraphModule; opt_level 0 (-O0) skips every optimisation, 2 (default) runs all.
 
     Every level computes the same function with the same state_dict keys and shapes, so checkpoints move between them.
@@ -138,7 +172,7 @@ def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: st
     gatedsl.backend.export.export_standalone can write the module as code that needs only torch.
     """
     unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target,
-                   standalone=standalone)
+                   standalone=standalone, max_file_size=max_file_size)
     from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
 
     gm = emit(unit)
@@ -184,4 +218,4 @@ def _eval_sym(text: str, dims: dict[str, int]) -> int:
     return value
 
 
-__all__ = ["Report", "GateInfo", "Target", "check", "compile", "analyse", "example_inputs", "aux_outputs"]
+__all__ = ["Report", "GateInfo", "Target", "SizeError", "check", "compile", "analyse", "example_inputs", "aux_outputs"]

@@ -1,4 +1,5 @@
-"""Where the grammar and the standard library live, in a source checkout and in an installed wheel."""
+"""Where the grammar, the standard library and the specs `gatedsl bench` compiles live, in a source checkout and in an
+installed wheel."""
 
 from __future__ import annotations
 
@@ -17,3 +18,10 @@ def grammar_path() -> Path:
 def stdlib_dir() -> Path:
     shipped = _PACKAGE / "_data" / "std"
     return shipped if shipped.is_dir() else _CHECKOUT / "specs" / "std"
+
+
+def bench_spec(relative: str) -> Path:
+    """A spec `gatedsl bench` compiles, by its path in a checkout ("specs/gru.gate", "benchmarks/specs/mgu.gate"):
+    a wheel carries each at the same path under _data/bench/."""
+    shipped = _PACKAGE / "_data" / "bench" / relative
+    return shipped if shipped.exists() else _CHECKOUT / relative

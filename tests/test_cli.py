@@ -90,11 +90,19 @@ def test_parameter_override_and_domain_error(spec, capsys):
     assert main(["compile", str(spec), "-p", "d=16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["parameters"]["d"] == 16
-    assert main(["compile", str(spec), "-p", "d=1000"]) == 1
-    err = capsys.readouterr().err
-    assert "'d' = 1000 is outside its domain 4..64" in err
-    assert main(["compile", str(spec), "-p", "nope=3"]) == 1
-    assert "has no parameter 'nope'" in capsys.readouterr().err
+    # A -p the declaration refuses is a usage error (exit 2) naming the option, with a note at the declaration.
+    assert main(["compile", str(spec), "-p", "d=1000"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gatedsl: error: -p d=1000: d is an int in 4..64, got 1000",
+        f"{spec}:7:12: note: 'd' is declared here",
+        "   7 | model Tiny(d: int in 4..64 = 8, drop: float = 0.0) {",
+        "     |            ^~~~~~~~~~~~~~~~~~~",
+    ]
+    assert main(["compile", str(spec), "-p", "nope=3"]) == 2
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        "gatedsl: error: -p nope=3: model Tiny has no parameter 'nope'; its parameters are: d, drop",
+        f"{spec}:7:1: note: model Tiny is declared here",
+    ]
 
 
 def test_compile_json_contract(spec, capsys):
@@ -106,7 +114,8 @@ def test_compile_json_contract(spec, capsys):
     assert isinstance(out["flops"], int) and out["flops"] > 0
     assert out["inputs"] == {"x": ["B", "T", 3]}
     assert out["outputs"] == {"y": ["B", "T", 2], "last": ["B", d]}
-    assert out["gates"] == [{"name": "MGU.f", "kind": "sigmoid", "line": 2}]
+    assert out["gates"] == [{"name": "MGU.f", "kind": "sigmoid", "file": str(spec), "line": 2}]
+    assert out["sizes"] == {"B": 1, "T": 1}
 
 
 def test_compile_summary_table(spec, capsys):
@@ -217,3 +226,183 @@ def test_export_of_a_model_named_like_a_helper(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "torch.Size([2, 3, 4])" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------- -d sizes
+@pytest.mark.parametrize("command", ["check", "compile", "graph"])
+@pytest.mark.parametrize("option, message", [
+    ("B=-5", "-d B=-5: a size must be a positive integer"),
+    ("B=0", "-d B=0: a size must be a positive integer"),
+    ("B=x", "-d B=x: a size must be a positive integer"),
+    ("t=64", "-d t=64: model Tiny has no symbolic size 't'; its sizes are: B, T"),
+])
+def test_a_size_must_be_a_positive_int_naming_a_size_of_the_model(spec, tmp_path, capsys, command, option, message):
+    extra = ["-o", str(tmp_path / "g.dot")] if command == "graph" else []
+    assert main([command, str(spec), "-d", option, *extra]) == 2
+    assert capsys.readouterr().err == f"gatedsl: error: {message}\n"
+    assert not (tmp_path / "g.dot").exists()
+
+
+def test_sizes_in_python_are_checked_with_the_same_function(spec):
+    import gatedsl
+    from gatedsl.api import check_dims
+    from gatedsl.errors import SizeError
+
+    with pytest.raises(SizeError, match="^B=-5: a size must be a positive integer$"):
+        gatedsl.check(spec, dims={"B": -5})
+    # One dict may size several models, so `check` ignores a name this one lacks; check_dims, as the CLI calls it
+    # (and `gatedsl search -d` may), does not.
+    rep = gatedsl.check(spec, dims={"B": 4, "N": 3})
+    assert rep.sizes == {"B": 4, "T": 1} and rep.flops == 4 * gatedsl.check(spec).flops
+    with pytest.raises(SizeError, match="^N=3: model Tiny has no symbolic size 'N'; its sizes are: B, T$"):
+        check_dims({"B": 4, "N": 3}, list(rep.sizes), rep.model)
+
+
+def test_the_flops_line_says_at_which_sizes_and_how_to_give_them(spec, capsys):
+    def flops_line(*options: str) -> str:
+        assert main(["compile", str(spec), *options]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FLOPs"))
+
+    assert flops_line() == ("FLOPs per forward: 664·B·T = 664 at B=1, T=1 (no size was given, so each is 1: "
+                            "give them with -d, e.g. -d T=1024)")
+    assert flops_line("-d", "B=32") == "FLOPs per forward: 664·B·T = 21,248 at B=32, T=1 (T not given, so 1: e.g. -d T=1024)"
+    assert flops_line("-d", "B=32", "-d", "T=100000") == \
+        "FLOPs per forward: 664·B·T = 2,124,800,000 (2.12 G) at B=32, T=100000"
+
+
+def test_counts_are_written_for_people():
+    from gatedsl.cli.summary import count
+    from gatedsl.ir.types import Poly
+
+    # A unit letter in the polynomial would read as a size (T for tera beside the size T), and rounding to 3
+    # digits gave "1e+03T": coefficients are exact, in thousands.
+    assert str(Poly({("B", "T"): 999_600_000_000_000, ("B",): 1_000, (): 7})) == "999,600,000,000,000·B·T + 1,000·B + 7"
+    assert [count(n) for n in (729_600, 999_999_999, 2_123_456_789, 10**21)] == [
+        "729,600", "999,999,999 (1 G)", "2,123,456,789 (2.12 G)", "1,000,000,000,000,000,000,000 (1,000 E)"]
+
+
+# ------------------------------------------------------------------------------------------ -p values
+def test_a_bad_p_value_is_a_usage_error_with_a_note_at_the_declaration(spec, capsys):
+    assert main(["check", str(spec), "-p", "d=1.5"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gatedsl: error: -p d=1.5: d is an int in 4..64, got 1.5",  # no help about integer division
+        f"{spec}:7:12: note: 'd' is declared here",
+        "   7 | model Tiny(d: int in 4..64 = 8, drop: float = 0.0) {",
+        "     |            ^~~~~~~~~~~~~~~~~~~",
+    ]
+    assert main(["compile", str(spec), "-p", "drop=lots"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "gatedsl: error: -p drop=lots: drop is a float, got lots"
+
+
+def test_a_bad_override_in_python_is_still_a_spec_error_at_the_declaration(spec):
+    import gatedsl
+    from gatedsl.errors import OverrideError
+
+    with pytest.raises(OverrideError) as info:
+        gatedsl.check(spec, params={"d": 1.5})
+    err = info.value
+    assert isinstance(err, gatedsl.SpecError) and (err.line, err.column) == (7, 12) and err.help is None
+    assert err.message == "'d' must be a static int, got the float 1.5"
+    assert (err.option, err.reason) == ("d=1.5", "d is an int in 4..64, got 1.5")
+
+
+CHOICES = textwrap.dedent("""\
+    model M(form: {"plain", "fancy"} = "fancy", act: {relu, gelu} = gelu, name: str = "x", k = 2) {
+      input x: [B, 4]
+      output y = act(x)
+    }
+""")
+
+
+@pytest.mark.parametrize("option, parameters", [
+    ('form="plain"', {"form": "plain"}), ("form=plain", {"form": "plain"}),
+    ('name="a b"', {"name": "a b"}), ("name=ab", {"name": "ab"}), ('k="text"', {"k": "text"}),
+    ("act=relu", {"act": "relu"}),
+])
+def test_a_string_may_be_given_quoted_as_in_a_spec(tmp_path, capsys, option, parameters):
+    path = tmp_path / "choices.gate"
+    path.write_text(CHOICES)
+    assert main(["compile", str(path), "-p", option, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["parameters"]
+    assert got == {"form": "fancy", "act": "gelu", "name": "x", "k": 2, **parameters}
+
+
+def test_a_choice_names_its_values(tmp_path, capsys):
+    path = tmp_path / "choices.gate"
+    path.write_text(CHOICES)
+    assert main(["check", str(path), "-p", "form=odd"]) == 2
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        'gatedsl: error: -p form=odd: form is one of {"plain", "fancy"}, got odd',
+        f"{path}:1:9: note: 'form' is declared here"]
+
+
+# ---------------------------------------------------------------------------------------- the summary
+def test_json_gates_name_their_file(tmp_path, capsys):
+    import gatedsl.resources
+
+    path = tmp_path / "g.gate"
+    path.write_text("import std.cells\nmodel M() {\n  input x: [B, T, 3]\n  gate g = sigmoid(x)\n"
+                    "  output y = scan GRU(x * g, H=4) over T\n}\n")
+    assert main(["compile", str(path), "--json"]) == 0
+    gates = json.loads(capsys.readouterr().out)["gates"]
+    std = str(gatedsl.resources.stdlib_dir() / "cells.gate")
+    assert {(g["name"], g["file"]) for g in gates} == {("g", str(path)), ("GRU.z", std), ("GRU.r", std)}
+
+
+def test_the_summary_cuts_a_long_value(tmp_path, capsys):
+    path = tmp_path / "long.gate"
+    path.write_text('model M(name: str = "' + "n" * 1_000_000 + '") {\n  input x: [B, 4]\n  output y = x\n}\n')
+    assert main(["compile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert len(out) < 2_000
+    assert out.splitlines()[0] == f"model M ({path})  name={'n' * 30}… (1,000,000 characters)"
+
+
+def test_the_summary_shows_the_specs_text_as_written_not_as_markup(tmp_path, capsys):
+    path = tmp_path / "text.gate"
+    path.write_text('model M(name: str = "[/red]") {\n  input x: [batch, 4]\n  output y = x\n}\n')
+    assert main(["compile", str(path)]) == 0  # was an internal error: rich read "[/red]" as a closing tag
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"model M ({path})  name=[/red]"
+    assert "│ [batch, 4]" in out  # was an empty cell: "[batch, 4]" read as a style
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_explain_fits_the_terminal_and_names_every_kernel_whole(columns, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "specs" / "gru_extra_gate.gate"
+    assert main(["compile", str(spec), "--explain", "--json"]) == 0
+    kernels = json.loads(capsys.readouterr().out)["kernels"]
+    assert main(["compile", str(spec), "--explain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("kernels (")):]
+    assert max(len(line) for line in lines) <= columns
+    for choice in kernels:
+        header = next(line for line in lines if line.startswith(choice["node"]))
+        assert f": {choice['kernel']}," in header
+        for candidate in choice["candidates"]:
+            mark = "+" if candidate["applies"] else "-"
+            assert any(line.startswith(f"  {mark} {candidate['kernel']}  ") for line in lines), candidate["kernel"]
+    if columns == 200:  # wide enough: every candidate on one line
+        assert sum(1 for line in lines if line.startswith(("  + ", "  - "))) == \
+            sum(len(c["candidates"]) for c in kernels)
+
+
+# ------------------------------------------------------------------------------------ what is read
+def test_a_file_that_is_not_a_spec_is_a_usage_error_and_never_read(tmp_path, capsys):
+    secret = tmp_path / "shadow"
+    secret.write_text("root:TOPSECRET:0:0\n")
+    for command in (["check"], ["compile"], ["graph", "-o", str(tmp_path / "g.dot")]):
+        assert main([*command[:1], str(secret), *command[1:]]) == 2
+        assert capsys.readouterr().err == f"gatedsl: error: {secret} is not a spec: gatedsl reads .gate files\n"
+
+
+def test_max_file_size_option(spec, capsys):
+    size = spec.stat().st_size
+    assert main(["check", str(spec), "--max-file-size", str(size)]) == 0
+    capsys.readouterr()
+    assert main(["compile", str(spec), "--max-file-size", str(size - 1)]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == \
+        f"{spec}:1:1: error: {spec} is {size} bytes, more than {size - 1}, the limit for a spec file"
+    assert main(["check", str(spec), "--max-file-size", "0"]) == 2
+    assert "--max-file-size: needs a positive integer, got '0'" in capsys.readouterr().err

@@ -428,3 +428,165 @@ def test_an_error_quotes_its_own_source_after_other_specs_are_checked():
         gatedsl.check(first)
     gatedsl.check("model N() {\n  input a: [B, 2]\n  output b = a * 2\n}\n")  # reuses the name <string>
     assert "output y = x + linear(x, 3)" in err.value.render()
+
+
+# ------------------------------------------------------------------------- lines as the lexer counts them
+# str.splitlines() also ends a line at each of these; the lexer ends one only at '\n'.
+SPLITLINES_BREAKS = ["\f", "\v", "\r", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", SPLITLINES_BREAKS, ids=[f"U+{ord(c):04X}" for c in SPLITLINES_BREAKS])
+def test_a_line_break_only_to_python_in_a_comment_quotes_the_right_line(char):
+    text = f"# header{char}more of it\n" + model("input x: [B, 4]", "output y = x + nope")
+    err = spec_error(text)
+    lines = err.render().splitlines()
+    assert (err.line, err.column) == (4, 18)
+    assert lines[1:3] == ["   4 |   output y = x + nope", "     |                  ^~~~"]
+
+
+@pytest.mark.parametrize("char", SPLITLINES_BREAKS, ids=[f"U+{ord(c):04X}" for c in SPLITLINES_BREAKS])
+def test_such_a_character_in_the_quoted_line_is_shown_visibly_and_the_caret_stays_under_its_column(char):
+    text = model("input x: [B, 4]", f"output y = x  # a{char}b", "output z = x + nope")
+    err = spec_error(text)
+    assert err.line == 4
+    err = spec_error(model("input x: [B, 4]", f"output y = nope  # a{char}b"))
+    lines = err.render().splitlines()
+    assert lines[1].startswith("   3 |   output y = nope  # a") and lines[1].endswith("b")
+    assert all(c == "\t" or c.isprintable() for c in lines[1]), repr(lines[1])  # nothing moves the cursor
+    assert caret_column(lines, 2) == err.column == 14
+
+
+def test_a_long_line_is_quoted_as_a_window_around_the_caret():
+    long = "output y = x" + " " * 5_000 + "+ nope  # " + "z" * 5_000
+    err = spec_error(model("input x: [B, 4]", long))
+    assert (err.line, err.column) == (3, 5_017)
+    lines = err.render().splitlines()
+    quoted = lines[1].split("| ", 1)[1]
+    assert quoted.startswith("…") and quoted.endswith("…") and len(quoted) == 102  # 100 characters and two cuts
+    assert "+ nope  # zzz" in quoted
+    assert lines[2].index("^") == lines[1].index("nope") and lines[2].endswith("^~~~")
+    assert len(err.render()) < 300
+
+
+def test_the_window_is_cut_only_on_the_side_that_is_long():
+    near_start = spec_error(model("input x: [B, 4]", "output y = nope  # " + "z" * 1_000))
+    lines = near_start.render().splitlines()
+    assert lines[1].startswith("   3 |   output y = nope  # zzz") and lines[1].endswith("z…")
+    assert lines[2].index("^") == lines[1].index("nope") and lines[2].endswith("^~~~")
+    near_end = spec_error(model("input x: [B, 4]", "output y = x" + " " * 1_000 + "+ nope"))
+    lines = near_end.render().splitlines()
+    assert lines[1].startswith("   3 | … ") and lines[1].endswith("   + nope")
+    assert lines[2].index("^") == lines[1].index("nope") and lines[2].endswith("^~~~")
+
+
+def test_a_huge_token_is_not_echoed_whole():
+    err = spec_error("x" * 1_000_000 + "\n")
+    assert isinstance(err, ParseError) and err.message.startswith("unexpected 'xxx")
+    assert len(err.render()) < 1_000
+
+
+def test_a_byte_order_mark_is_not_part_of_the_spec(tmp_path):
+    text = model("input x: [B, 4]", "output y = x")
+    assert gatedsl.check("\ufeff" + text).outputs == {"y": ["B", 4]}
+    path = tmp_path / "bom.gate"
+    path.write_text("model M(d: int = nope) {\n  input x: [B, 4]\n  output y = x\n}\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    err = spec_error(path)
+    lines = err.render().splitlines()
+    assert lines[:2] == [f"{path}:1:18: error: unknown name 'nope'", "   1 | model M(d: int = nope) {"]
+    assert caret_column(lines, 2) == 18  # columns as an editor shows them
+
+
+# ------------------------------------------------------------------------- only specs are read, or quoted
+SECRET = "root:TOPSECRET:0:0\n"
+
+
+def test_an_import_must_name_a_gate_file_and_is_refused_before_it_is_read(tmp_path):
+    write(tmp_path, {"secret.txt": SECRET, "main.gate": 'import "secret.txt"\n' + model("input x: [B, 2]",
+                                                                                         "output y = x")})
+    err = spec_error(tmp_path / "main.gate")
+    assert isinstance(err, SpecImportError)
+    assert err.message == 'an import names a .gate file, got "secret.txt"'
+    assert (err.line, err.column) == (1, 1)
+    assert "TOPSECRET" not in err.render()
+
+
+def test_a_diagnostic_never_reads_a_file_to_quote_it(tmp_path):
+    secret = tmp_path / "secret.gate"
+    secret.write_text(SECRET)
+    rendered = SpecError("somewhere else", gatedsl.errors.Span(str(secret), 1, 1)).render()
+    assert rendered == f"{secret}:1:1: error: somewhere else"
+
+
+def test_the_main_file_must_be_a_gate_file(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    err = spec_error(secret)
+    assert isinstance(err, SpecImportError) and err.message == f"{secret} is not a spec: a spec is a .gate file"
+    assert "TOPSECRET" not in err.render()
+
+
+def test_a_spec_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    import os
+
+    (tmp_path / "zero.gate").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.gate")  # opening it for reading would wait for a writer
+    for name in ("zero.gate", "pipe.gate"):
+        err = timed_error(tmp_path / name)
+        assert isinstance(err, SpecImportError) and err.message == f"cannot read {tmp_path / name}: not a regular file"
+
+
+# ------------------------------------------------------------------------------------------- file size
+def test_a_spec_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
+    from gatedsl.frontend.loader import MAX_FILE_SIZE
+
+    assert MAX_FILE_SIZE == 4 * 2**20
+    path = tmp_path / "huge.gate"
+    with open(path, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: reading it would take 64 MiB, and a parse of NULs
+    rss = peak_rss_mib()
+    err = timed_error(path)
+    assert isinstance(err, LimitError)
+    assert err.message == f"{path} is 67,108,864 bytes, more than 4,194,304, the limit for a spec file"
+    assert "--max-file-size" in err.help
+    assert peak_rss_mib() - rss < 32
+    assert err.render().count("\n") == 1  # the header and the help: nothing of the file is quoted
+
+
+def test_the_size_limit_is_settable_and_holds_for_imports_text_and_a_file_that_grows(tmp_path, monkeypatch):
+    text = model("input x: [B, 2]", "output y = F(x)")
+    write(tmp_path, {"lib.gate": "block F(x: [*, D]) { return x }\n" + "#" * 200 + "\n",
+                     "main.gate": '# the model\n  import "lib.gate"\n' + text})
+    main, lib = tmp_path / "main.gate", tmp_path / "lib.gate"
+    size, lib_size = main.stat().st_size, lib.stat().st_size
+    assert size < lib_size
+    assert gatedsl.check(main, max_file_size=lib_size).outputs == {"y": ["B", 2]}
+    err = spec_error(main, max_file_size=size - 1)
+    assert isinstance(err, LimitError) and (err.line, err.column) == (1, 1)
+    assert err.message == f"{main} is {size} bytes, more than {size - 1}, the limit for a spec file"
+    # An import over the limit is reported where it is imported.
+    err = spec_error(main, max_file_size=size)
+    assert isinstance(err, LimitError) and (err.file, err.line, err.column) == (str(main), 2, 3)
+    assert err.message == f"{lib} is {lib_size} bytes, more than {size}, the limit for a spec file"
+    assert err.render().splitlines()[1] == '   2 |   import "lib.gate"'
+    # A text spec counts too, in bytes.
+    padded = "# é\n" * 60 + "block F(x: [*, D]) { return x }\n" + text
+    assert spec_error(padded, max_file_size=len(padded) + 10).message == \
+        f"the spec text is larger than {len(padded) + 10} bytes, the limit for a spec"
+    # A file that grows after its size was read is still read only up to the limit.
+    import gatedsl.frontend.loader as loader
+
+    real_fstat = loader.os.fstat
+    monkeypatch.setattr(loader.os, "fstat", lambda fd: os_stat_with_size(real_fstat(fd), 10))
+    err = spec_error(main, max_file_size=size - 1)
+    assert err.message == f"{main} is more than {size - 1} bytes, the limit for a spec file"
+    with pytest.raises(ValueError, match="max_file_size must be a positive int"):
+        gatedsl.check(main, max_file_size=0)
+
+
+def os_stat_with_size(real, size: int):
+    import os
+
+    fields = list(real)
+    fields[6] = size  # st_size
+    return os.stat_result(fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pydot
@@ -60,7 +61,14 @@ def _add(container, graph: Graph, prefix: str) -> None:
 
 
 def write_graph(unit: ModelIR, out: Path) -> None:
-    """Write .dot text, or render .svg/.png with Graphviz; the file appears whole or not at all."""
-    dot = to_dot(unit)
-    data = dot.to_string().encode() if out.suffix == ".dot" else dot.create(format=out.suffix[1:])
+    """Write .dot text, or render .svg/.png with Graphviz's `dot`; the file appears whole or not at all."""
+    text = to_dot(unit).to_string()
+    data = text.encode() if out.suffix == ".dot" else render(text, out.suffix[1:])
     atomic_write(out, lambda f: f.write(data))
+
+
+def render(text: str, fmt: str) -> bytes:
+    """Graphviz's drawing of `text` in `fmt` (svg, png); FileNotFoundError if `dot` is not installed."""
+    # Through dot's stdin and stdout (pydot's create goes through a temporary file): the drawing
+    # needs no writable temporary directory, only the output's own.
+    return subprocess.run(["dot", f"-T{fmt}"], input=text.encode(), capture_output=True, check=True).stdout

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from gatedsl import __version__
-from gatedsl.cli.options import EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, pairs
-from gatedsl.errors import SpecError
+from gatedsl.cli.options import (EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, pairs,
+                                 positive_int, spec_file)
+from gatedsl.errors import OverrideError, SizeError, SpecError
 from gatedsl.fileio import CannotWrite
 
 REPORT_URL = "https://github.com/gatedsl/gatedsl/issues"
@@ -28,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="the model to use when the file defines several")
         p.add_argument("--max-params", type=int, default=None, metavar="N",
                        help="reject models with more learned elements than this (default 2**31)")
+        p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
+                       help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
         p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
-                       help="a size for a symbolic dim when counting FLOPs (default 1)")
+                       help="a size for a symbolic dim of the model when counting FLOPs (default 1)")
         p.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, metavar="LEVEL",
                        help="optimisation level: -O0 none, -O1 recurrence lowering, -O2 all (the default)")
 
@@ -58,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.dot|.svg|.png")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("bench", help="time compiled specs against hand-written PyTorch (from a source checkout)")
+    p = sub.add_parser("bench", help="time compiled specs against hand-written PyTorch")
     from gatedsl.bench import add_arguments as bench_arguments  # argparse only; torch is imported when it runs
 
     bench_arguments(p)
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"gatedsl: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OverrideError as err:  # a -p naming no parameter or giving a value its declaration refuses
+        print(f"gatedsl: error: -p {err.option}: {err.reason}\n{err.render_as_note(err.declared)}", file=sys.stderr)
+        return EXIT_USAGE
+    except SizeError as err:  # a -d that is not a positive integer or names no symbolic size of the model
+        print(f"gatedsl: error: -d {err}", file=sys.stderr)
+        return EXIT_USAGE
     except SpecError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_SPEC
@@ -103,21 +112,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args) -> int:
-    from gatedsl.api import check
+    from gatedsl.api import check, check_dims
 
     params = pairs(args.param, "-p")
     sizes = dims(args.dim)
     failed = 0
     for file in args.files:
-        if not Path(file).is_file():
-            raise UsageError(f"no such file: {file}")
+        path = spec_file(file)
         try:
-            library = _library_summary(Path(file)) if args.model is None else None
+            library = _library_summary(path, args.max_file_size) if args.model is None else None
             if library is not None:
                 print(f"{file}: ok: {library}")
                 continue
-            rep = check(Path(file), params, model=args.model, max_params=args.max_params, dims=sizes,
-                        opt_level=args.opt_level)
+            rep = check(path, params, model=args.model, max_params=args.max_params, dims=sizes,
+                        opt_level=args.opt_level, max_file_size=args.max_file_size)
+            check_dims(sizes, list(rep.sizes), rep.model)
+        except OverrideError:  # the command line's mistake, not this file's: a usage error
+            raise
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             failed += 1
@@ -127,11 +138,11 @@ def _check(args) -> int:
     return EXIT_SPEC if failed else EXIT_OK
 
 
-def _library_summary(path: Path) -> str | None:
+def _library_summary(path: Path, max_file_size: int | None) -> str | None:
     """For a file with no model (a library of blocks and cells): what it defines, once it parses and resolves."""
     from gatedsl.api import load
 
-    program = load(path)
+    program = load(path, max_file_size=max_file_size)
     if any(d.kind == "model" for d in program.main.definitions):
         return None
     kinds = [d.kind for d in program.main.definitions]
@@ -141,10 +152,9 @@ def _library_summary(path: Path) -> str | None:
 
 
 def _compile(args) -> int:
-    from gatedsl.api import analyse, report
+    from gatedsl.api import analyse, check_dims, report
 
-    if not Path(args.file).is_file():
-        raise UsageError(f"no such file: {args.file}")
+    path = spec_file(args.file)
     if args.output and Path(args.output).suffix != ".py":
         raise UsageError(f"-o writes a Python module: give a path ending in .py, got {args.output}")
     from gatedsl.ir.model import Target
@@ -152,9 +162,12 @@ def _compile(args) -> int:
     target = Target(device=args.device, dtype=args.dtype, training=not args.inference)
     # An export must run with torch alone, so it is compiled without the passes whose fused ops
     # need gatedsl's kernels; the summary (and --explain) then describe what was exported.
-    unit = analyse(Path(args.file), pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
-                   opt_level=args.opt_level, target=target, standalone=bool(args.output))
-    rep = report(unit, dims(args.dim))
+    sizes = dims(args.dim)
+    unit = analyse(path, pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+                   opt_level=args.opt_level, target=target, standalone=bool(args.output),
+                   max_file_size=args.max_file_size)
+    rep = report(unit, sizes)
+    check_dims(sizes, list(rep.sizes), rep.model)
     from gatedsl.backend.fx_emit import emit
 
     gm = emit(unit)
@@ -165,14 +178,14 @@ def _compile(args) -> int:
         written = export_standalone(gm, Path(args.output), source=args.file)
     if args.json:
         summary: dict[str, Any] = rep.model_dump()
-        summary["gates"] = [{"name": g.name, "kind": g.kind, "line": g.line} for g in rep.gates]
+        summary["gates"] = [{"name": g.name, "kind": g.kind, "file": g.file, "line": g.line} for g in rep.gates]
         if written:
             summary["written"] = [str(p) for p in written]
         print(json.dumps(summary))
     else:
         from gatedsl.cli.summary import print_kernels, print_summary
 
-        print_summary(rep)
+        print_summary(rep, given=sizes)
         if args.explain:
             print_kernels(rep)
         if written:
@@ -181,16 +194,17 @@ def _compile(args) -> int:
 
 
 def _graph(args) -> int:
-    from gatedsl.api import analyse
+    from gatedsl.api import analyse, check_dims, symbolic_sizes
     from gatedsl.cli.draw import write_graph
 
-    if not Path(args.file).is_file():
-        raise UsageError(f"no such file: {args.file}")
+    path = spec_file(args.file)
     out = Path(args.output)
     if out.suffix not in (".dot", ".svg", ".png"):
         raise UsageError(f"graph writes .dot, .svg or .png, got {out.name}")
-    unit = analyse(Path(args.file), pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
-                   opt_level=args.opt_level)
+    sizes = dims(args.dim)
+    unit = analyse(path, pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
+                   opt_level=args.opt_level, max_file_size=args.max_file_size)
+    check_dims(sizes, symbolic_sizes(unit), unit.model.name)  # the drawing has no use for them, but a typo is one
     try:
         write_graph(unit, out)
     except FileNotFoundError as err:  # Graphviz's `dot` is needed for .svg and .png
@@ -205,7 +219,7 @@ def _bench(args) -> int:
 
     try:
         bench.run(args)
-    except (ValueError, FileNotFoundError) as err:  # --repeats 0, an unsupported --opt-level, no checkout
+    except ValueError as err:  # --repeats 0, an unsupported --opt-level
         raise UsageError(str(err)) from None
     if args.json:
         print(f"wrote {args.json}")

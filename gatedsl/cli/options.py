@@ -1,6 +1,10 @@
-"""What every command shares: its exit statuses, the usage-error type, and parsing of NAME=VALUE options."""
+"""What every command shares: its exit statuses, the usage-error type, and reading of its arguments (spec files,
+NAME=VALUE options, sizes)."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -20,10 +24,33 @@ def pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def dims(items: list[str]) -> dict[str, int]:
+    """`-d NAME=SIZE` options as {NAME: SIZE}; gatedsl.api.check_dims then checks each against the model's sizes
+    (SizeError, which cli/main turns into a usage error naming -d)."""
     sizes = {}
     for name, value in pairs(items, "-d").items():
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise UsageError(f"-d {name}= needs an integer size, got {value!r}") from None
+            raise UsageError(f"-d {name}={value}: a size must be a positive integer") from None
     return sizes
+
+
+def spec_file(name: str) -> Path:
+    """A FILE argument: an existing .gate file (anything else is never opened, so never quoted in an error)."""
+    path = Path(name)
+    if path.suffix != ".gate":
+        raise UsageError(f"{name} is not a spec: gatedsl reads .gate files")
+    if not path.is_file():
+        raise UsageError(f"no such file: {name}")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
+    return value

@@ -7,7 +7,7 @@ import functools
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from gatedsl.errors import LimitError, ParseError, SourceCache, Span, SpecError
+from gatedsl.errors import LimitError, ParseError, SourceCache, Span, SpecError, clip
 from gatedsl.frontend import ast
 from gatedsl.resources import grammar_path
 
@@ -379,6 +379,8 @@ def _describe(expected: set[str]) -> str:
 
 def parse(text: str, file: str = "<string>") -> ast.Module:
     """Parse one file's text; raises ParseError located at the offending token."""
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as some editors write one: not part of the spec
+        text = text[1:]
     SourceCache.put(file, text)
     if not text.endswith("\n"):
         text += "\n"
@@ -403,7 +405,7 @@ def _parse_error(err: UnexpectedInput, file: str) -> ParseError:
         if tok.type == "$END":
             return ParseError("unexpected end of file", Span(file, line, column),
                               help="a '}' or ')' may be missing")
-        shown = "end of line" if tok.type == "_NL" else f"'{tok.value}'"
+        shown = "end of line" if tok.type == "_NL" else f"'{clip(tok.value, 60)}'"
         span = Span(file, tok.line, tok.column, tok.end_line, tok.end_column)
         return ParseError(
             f"unexpected {shown}",

@@ -188,13 +188,7 @@ class Poly:
             return "0"
         parts = []
         for factors, coeff in sorted(self.terms.items(), key=lambda kv: (-len(kv[0]), kv[0])):
-            c = _si(coeff)
+            # Exact, in thousands: a unit letter (T for tera, G, M, k) would read as one more symbolic size.
+            c = f"{coeff:,}"
             parts.append(c if not factors else ("" if coeff == 1 else c + "·") + "·".join(factors))
         return " + ".join(parts)
-
-
-def _si(n: int) -> str:
-    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)

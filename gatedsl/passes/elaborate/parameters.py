@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gatedsl.errors import LimitError, NameResolutionError, Note, SpecError, SpecTypeError
+from gatedsl.errors import LimitError, OverrideError, SourceCache, SpecError, SpecTypeError, clip
 from gatedsl.frontend import ast
 from gatedsl.ir.elaboration import Elaborating
 from gatedsl.ir.values import Builtin
@@ -22,27 +22,58 @@ def bind_model_parameters(el: Elaborating, model: ast.Definition, overrides: dic
     for name in overrides:
         if name not in declared:
             known = ", ".join(declared) or "none"
-            raise NameResolutionError(f"model {model.name} has no parameter '{name}'", model.span,
-                                      notes=[Note(f"its parameters are: {known}")])
+            raise OverrideError(f"model {model.name} has no parameter '{name}'; its parameters are: {known}",
+                                model.span, name=name, value=overrides[name], declared=f"model {model.name} is declared here",
+                                reason=f"model {model.name} has no parameter '{name}'; its parameters are: {known}")
     env = el.frame.env
     bound: dict[str, Any] = {}
     for p in model.params:
         if p.name in overrides:
-            value = _static_value(_from_user(el, p, overrides[p.name]), p)
-            span = p.span
-        elif p.default is not None:
-            value = el.eval(p.default)
-            span = p.default.span
-        else:
+            bound[p.name] = env[p.name] = override_value(el, p, overrides[p.name])
+            continue
+        if p.default is None:
             raise SpecError(f"parameter '{p.name}' of model {model.name} has no default", p.span,
                             help=f"give it one, or pass -p {p.name}=VALUE")
-        bound[p.name] = env[p.name] = check_value_param(el, p, value, span)
+        bound[p.name] = env[p.name] = check_value_param(el, p, el.eval(p.default), p.default.span)
     return bound
 
 
 def override_value(el: Elaborating, p: ast.Param, value: Any) -> Any:
-    """One override as the model binds it: text read as for `-p NAME=VALUE`, then checked against the domain."""
-    return check_value_param(el, p, _static_value(_from_user(el, p, value), p), p.span)
+    """One override as the model binds it: text read as for `-p NAME=VALUE`, then checked against the domain; a
+    value the declaration does not allow is an OverrideError (a mistake in the declaration stays a SpecError)."""
+    try:
+        return check_value_param(el, p, _static_value(_from_user(el, p, value), p), p.span)
+    except SpecError as err:
+        if err.span is not p.span:  # raised at the domain's bounds or choices: the spec's mistake, not the value's
+            raise
+        shown = clip(value if isinstance(value, str) else repr(value), 60)
+        expected = _expected(p)
+        reason = f"{p.name} is {expected}, got {shown}" if expected else err.message
+        raise OverrideError(err.message, p.span, name=p.name, value=value, reason=reason,
+                            declared=f"'{p.name}' is declared here") from None
+
+
+def _expected(p: ast.Param) -> str | None:
+    """What the declaration of `p` allows, in words ("an int in 32..512", "one of {GRU, LSTM}"); None if untyped."""
+    vt = p.value_type
+    if vt is None:
+        return None
+    if vt.kind == "choice":
+        return "one of {" + ", ".join(_as_written(c) for c in vt.choices) + "}"
+    words = {"int": "an int", "float": "a float", "bool": "true or false", "str": "a string",
+             "block": "a block or cell"}[vt.kind]
+    if vt.low is not None:
+        words += f" in {_as_written(vt.low)}..{_as_written(vt.high)}" + (" (log)" if vt.log else "")
+    return words
+
+
+def _as_written(expr: ast.Expr) -> str:
+    """An expression as the spec writes it (a bound, a choice)."""
+    span = expr.span
+    line = SourceCache.line(span.file, span.line)
+    if line is None or span.end_line != span.line or not span.end_column:
+        return "…"
+    return line[span.column - 1:span.end_column - 1]
 
 
 def _static_value(value: Any, p: ast.Param) -> Any:
@@ -62,10 +93,14 @@ def _static_value(value: Any, p: ast.Param) -> Any:
 
 def _from_user(el: Elaborating, p: ast.Param, value: Any) -> Any:
     """An override as the parameter's type: CLI strings are parsed, names resolve to blocks."""
-    if not isinstance(value, str) or (p.value_type is not None and p.value_type.kind == "str"):
+    kind = p.value_type.kind if p.value_type else None
+    if not isinstance(value, str):
         return value
     text = value.strip()
-    kind = p.value_type.kind if p.value_type else None
+    if kind in (None, "str", "choice") and len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]  # `-p 'form="plain"'`: a string as the spec writes one (a spec's string holds no quote)
+    if kind == "str":
+        return value
     if kind == "choice" and any(isinstance(c, ast.String) and c.value == text for c in p.value_type.choices):
         return text  # a string choice stays a string, even "1" or "true"
     if text in ("true", "false", "True", "False") and kind in (None, "bool", "choice"):

@@ -1,6 +1,6 @@
 """`gatedsl bench`: compiled specs against the PyTorch a user would otherwise write.
 
-Each case builds a gatedsl model and its baselines (benchmarks/baselines.py, torch's fused
+Each case builds a gatedsl model and its baselines (gatedsl/bench/baselines.py, torch's fused
 layers, torch.compile of the eager module) with the same weights, then times them in one
 process, interleaved: after warm-up, every repetition runs each implementation once, in an
 order rotated by one each repetition, so that drift in the machine's speed (turbo, other
@@ -8,31 +8,26 @@ load) falls on all of them alike. Reported: the median of each, and the ratio
 gatedsl / baseline (below 1: gatedsl is faster). Forward runs under `torch.no_grad()`;
 forward+backward runs the forward, sums the (first) output and backpropagates to the weights.
 
-The baselines live in the source checkout's `benchmarks/` folder, so `gatedsl bench` runs
-from a checkout (an editable install), as the benchmarks do.
+Everything it needs ships in the package: the baselines beside this file, and the specs it
+compiles (specs/ and benchmarks/specs/ of a checkout) under gatedsl/_data/bench/ of a wheel.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import inspect
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = ROOT / "benchmarks"
-SPECS = ROOT / "specs"
-BENCH_SPECS = BENCH_DIR / "specs"
+from gatedsl.resources import bench_spec
 
 # Sizes from issue 4's targets, and tiny ones for --quick (the tests, a smoke run).
 FULL = {
@@ -52,20 +47,6 @@ QUICK = {
 # call must take at least this many times gatedsl.compile.
 TARGETS = {"torch": 1.05, "eager_cell": 0.7, "torch.compile": 1.1, "gla": 0.1, "swiglu": 0.95, "moe": 0.8}
 COMPILE_SPEEDUP = 50.0
-
-
-def load_baselines():
-    """benchmarks/baselines.py of this checkout, as a module."""
-    path = BENCH_DIR / "baselines.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"gatedsl bench needs the source checkout's {path} (run it from a checkout)")
-    if "gatedsl_bench_baselines" in sys.modules:
-        return sys.modules["gatedsl_bench_baselines"]
-    spec = importlib.util.spec_from_file_location("gatedsl_bench_baselines", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def opt_level_supported() -> bool:
@@ -111,7 +92,7 @@ def _standard(kind: str, sizes: dict, seed: int, opt_level: int | None) -> Built
     torch.manual_seed(seed)
     B, T, D, H = sizes["B"], sizes["T"], sizes["D"], sizes["H"]
     ref = getattr(torch.nn, kind)(D, H, batch_first=True)
-    model, secs = compile_spec(SPECS / f"{kind.lower()}.gate", dict(input_size=D, hidden=H), opt_level)
+    model, secs = compile_spec(bench_spec(f"specs/{kind.lower()}.gate"), dict(input_size=D, hidden=H), opt_level)
     gatedsl.load_torch_rnn(model, ref)
     label = f"torch.nn.{kind}"
     return Built(model, {label: ref}, (torch.randn(B, T, D),), {label: TARGETS["torch"]}, secs, sizes=sizes)
@@ -121,10 +102,12 @@ def _cell(spec: str, baseline: str, extra: dict) -> Callable[[dict, int, int | N
     def build(sizes: dict, seed: int, opt_level: int | None) -> Built:
         import torch
 
+        from gatedsl.bench import baselines  # torch is imported only when a case is built
+
         torch.manual_seed(seed)
         B, T, D, H = sizes["B"], sizes["T"], sizes["D"], sizes["H"]
-        model, secs = compile_spec(BENCH_SPECS / spec, dict(d=D, hidden=H, **extra), opt_level)
-        eager = getattr(load_baselines(), baseline)(D, H, **extra)
+        model, secs = compile_spec(bench_spec(f"benchmarks/specs/{spec}"), dict(d=D, hidden=H, **extra), opt_level)
+        eager = getattr(baselines, baseline)(D, H, **extra)
         eager.load_gatedsl(model.state_dict())
         return Built(model, {"eager": eager}, (torch.randn(B, T, D),),
                      {"eager": TARGETS["eager_cell"], "torch.compile": TARGETS["torch.compile"]}, secs,
@@ -136,10 +119,12 @@ def _cell(spec: str, baseline: str, extra: dict) -> Callable[[dict, int, int | N
 def _gla(sizes: dict, seed: int, opt_level: int | None) -> Built:
     import torch
 
+    from gatedsl.bench import baselines  # torch is imported only when a case is built
+
     torch.manual_seed(seed)
     D, heads = sizes["D"], sizes["heads"]
-    model, secs = compile_spec(BENCH_SPECS / "gla.gate", dict(d=D, heads=heads), opt_level)
-    eager = load_baselines().EagerGLA(D, heads, key_dim=D)
+    model, secs = compile_spec(bench_spec("benchmarks/specs/gla.gate"), dict(d=D, heads=heads), opt_level)
+    eager = baselines.EagerGLA(D, heads, key_dim=D)
     eager.load_gatedsl(model.state_dict())
     return Built(model, {"eager step loop": eager}, (torch.randn(sizes["B"], sizes["T"], D),),
                  {"eager step loop": TARGETS["gla"]}, secs, sizes=sizes)
@@ -148,10 +133,12 @@ def _gla(sizes: dict, seed: int, opt_level: int | None) -> Built:
 def _swiglu(sizes: dict, seed: int, opt_level: int | None) -> Built:
     import torch
 
+    from gatedsl.bench import baselines  # torch is imported only when a case is built
+
     torch.manual_seed(seed)
     D, hidden = sizes["D"], sizes["hidden"]
-    model, secs = compile_spec(SPECS / "swiglu.gate", dict(d=D, hidden=hidden), opt_level)
-    eager = load_baselines().EagerSwiGLU(D, hidden)
+    model, secs = compile_spec(bench_spec("specs/swiglu.gate"), dict(d=D, hidden=hidden), opt_level)
+    eager = baselines.EagerSwiGLU(D, hidden)
     eager.load_gatedsl(model.state_dict())
     # 2048 tokens as [1, 2048, d]: the spec takes [B, T, d].
     return Built(model, {"eager": eager}, (torch.randn(1, sizes["tokens"], D),), {"eager": TARGETS["swiglu"]}, secs,
@@ -161,12 +148,15 @@ def _swiglu(sizes: dict, seed: int, opt_level: int | None) -> Built:
 def _moe(sizes: dict, seed: int, opt_level: int | None) -> Built:
     import torch
 
+    from gatedsl.bench import baselines  # torch is imported only when a case is built
+
     torch.manual_seed(seed)
     D, E, k, hidden = sizes["D"], sizes["experts"], sizes["k"], sizes["hidden"]
-    model, secs = compile_spec(BENCH_SPECS / "moe.gate", dict(d=D, experts=E, k=k, hidden=hidden), opt_level)
+    model, secs = compile_spec(bench_spec("benchmarks/specs/moe.gate"), dict(d=D, experts=E, k=k, hidden=hidden),
+                               opt_level)
     with torch.no_grad():  # the router starts at zeros (Shazeer et al.): give it random weights to route by
         model.get_parameter("NoisyTopKMoE.clean.x_proj.weight").normal_(0.0, D ** -0.5)
-    eager = load_baselines().EagerTopKMoE(D, E, k, hidden)
+    eager = baselines.EagerTopKMoE(D, E, k, hidden)
     eager.load_gatedsl(model.state_dict())
     label = "eager loop over experts"
     return Built(model, {label: eager}, (torch.randn(sizes["tokens"], D),), {label: TARGETS["moe"]}, secs,
@@ -310,7 +300,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[di
         raise ValueError("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_baselines()
     backend = "eager" if args.quick else "inductor"
     opt_level = default_opt_level() if args.opt_level is None else args.opt_level
     if opt_level is not None and not opt_level_supported():
