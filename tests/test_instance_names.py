@@ -34,7 +34,7 @@ def test_names_give_the_first_free_suffix():
     names = Names(["h", "h_2", "h_1_1"])
     assert [names.fresh(b) for b in ["h", "h", "h_1", "h", "h_1", "x", "x"]] == \
         ["h_1", "h_3", "h_1_2", "h_4", "h_1_3", "x", "x_1"]
-    assert names.taken == {"h", "h_1", "h_2", "h_3", "h_4", "h_1_1", "h_1_2", "h_1_3", "x", "x_1"}
+    assert names == {"h", "h_1", "h_2", "h_3", "h_4", "h_1_1", "h_1_2", "h_1_3", "x", "x_1"}
 
 
 def _elaboration_steps(reassignments: int) -> int:

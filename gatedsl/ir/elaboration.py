@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 from gatedsl.errors import Span
 from gatedsl.frontend import ast
@@ -30,28 +30,30 @@ class Frame:
     stmt_modules: int = 0
 
 
-class Names:
-    """The names taken under one instance-path prefix: `fresh(base)` takes `base`, or else the first of base_1,
+class Names(set):
+    """The names taken under one instance-path prefix; `fresh(base)` takes `base`, or else the first of base_1,
     base_2, ... not taken."""
 
-    __slots__ = ("taken", "_next")
-
-    def __init__(self, taken: Iterable[str] = ()):
-        self.taken = set(taken)
-        # Per base, the suffix to try first: every one below it was taken when the base was last asked for, and
-        # a name is never given back, so each look-up goes on from there (`h = h + 1` N times is linear, not
-        # quadratic) and finds what a search from the bare base would.
-        self._next: dict[str, int] = {}
+    __slots__ = ("_next",)  # per base name, the suffix to try first (made when a base is first taken twice)
 
     def fresh(self, base: str) -> str:
-        taken = self.taken
-        i = self._next.get(base, 0)
-        name = f"{base}_{i}" if i else base
-        while name in taken:
+        if base not in self:
+            self.add(base)
+            return base
+        # Every suffix below the one to try first was taken when the base was last asked for, and a name is never
+        # given back: each look-up goes on from there (`h = h + 1` N times is linear, not quadratic) and finds
+        # what a search from base_1 would.
+        try:
+            next_suffix = self._next
+        except AttributeError:
+            next_suffix = self._next = {}
+        i = next_suffix.get(base, 1)
+        name = f"{base}_{i}"
+        while name in self:
             i += 1
             name = f"{base}_{i}"
-        taken.add(name)
-        self._next[base] = i + 1
+        self.add(name)
+        next_suffix[base] = i + 1
         return name
 
 

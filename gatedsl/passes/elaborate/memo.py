@@ -205,7 +205,7 @@ class Recording:
                 declared=[id(p) for p in new_declared],
                 shapes=tuple(zip(*[(_relative(k, base), v)
                                    for k, v in _tail(el.shapes, len(el.shapes) - shapes)])) or ((), ()),
-                used_names=tuple((_relative(k, base), tuple(v.taken))
+                used_names=tuple((_relative(k, base), tuple(v))
                                  for k, v in _tail(el.used_names, len(el.used_names) - used)),
                 result=_pack(result, ref))
         except _NotMemoisable:
