@@ -84,6 +84,12 @@ class SpecError(Exception):
         self._lines = {(sp.file, sp.line): SourceCache.line(sp.file, sp.line)
                        for sp in [self.span] + [n.span for n in self.notes if n.span is not None]}
 
+    def insert_note(self, index: int, note: Note) -> None:
+        """Add a note at `index` among the notes, its source quoted as it is now (as the constructor's are)."""
+        self.notes.insert(index, note)
+        if note.span is not None:
+            self._lines.setdefault((note.span.file, note.span.line), SourceCache.line(note.span.file, note.span.line))
+
     @property
     def file(self) -> str:
         return self.span.file

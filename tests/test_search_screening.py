@@ -1,4 +1,4 @@
-"""Screening replays calls it has elaborated before (passes/elaborate.py CallMemo): every candidate's unit, counts,
+"""Screening replays calls it has elaborated before (passes/elaborate/memo.py CallMemo): every candidate's unit, counts,
 verdict and error must be exactly what elaborating it afresh gives, replayed calls, limits and failures included."""
 
 from __future__ import annotations

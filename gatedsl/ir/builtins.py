@@ -9,19 +9,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from gatedsl.errors import Note, Span, SpecError, SpecTypeError
 from gatedsl.frontend import ast
+from gatedsl.ir.elaboration import Elaborating
 from gatedsl.ir.graph import InitSpec
 from gatedsl.ir.ops import UNARY_FNS
 from gatedsl.ir.types import Dim, Sym, dim_mul, normalize_axis
 from gatedsl.ir.values import Tensor, describe
 
-if TYPE_CHECKING:
-    from gatedsl.passes.elaborate import Elaborator
-
-BUILTINS: dict[str, Callable[["Elaborator", ast.Call], Any]] = {}
+BUILTINS: dict[str, Callable[[Elaborating, ast.Call], Any]] = {}
 REQUIRED = object()
 
 
@@ -38,7 +36,7 @@ def builtin(name: str, *spec: Arg, variadic: str | None = None):
     names = tuple(a.name for a in spec)
 
     def register(fn):
-        def run(el: "Elaborator", call: ast.Call):
+        def run(el: Elaborating, call: ast.Call):
             bound = bind_args(el, call, name, spec, variadic, names)
             return fn(el, call, bound)
 
@@ -50,7 +48,7 @@ def builtin(name: str, *spec: Arg, variadic: str | None = None):
     return register
 
 
-def bind_args(el: "Elaborator", call: ast.Call, fname: str, spec: tuple[Arg, ...],
+def bind_args(el: Elaborating, call: ast.Call, fname: str, spec: tuple[Arg, ...],
               variadic: str | None, names: tuple[str, ...]) -> dict[str, tuple[Any, Span]]:
     out: dict[str, tuple[Any, Span]] = {}
     positional = call.args
@@ -92,7 +90,7 @@ def _show_default(v: Any) -> str:
     return str(v)
 
 
-def _convert(el: "Elaborator", arg: Arg, node: ast.Expr, fname: str) -> Any:
+def _convert(el: Elaborating, arg: Arg, node: ast.Expr, fname: str) -> Any:
     kind = arg.kind.rstrip("?")
     if kind == "init":
         return parse_init(el, node)
@@ -142,7 +140,7 @@ INIT_ARITY = {
 }
 
 
-def parse_init(el: "Elaborator", node: ast.Expr) -> InitSpec | None:
+def parse_init(el: Elaborating, node: ast.Expr) -> InitSpec | None:
     """An init scheme: a name (`zeros`) or a call with static numbers (`normal(0.02)`)."""
     if isinstance(node, ast.Name) and node.id == "none":
         return None
@@ -803,7 +801,7 @@ _static("round_up", _round_up, Arg("value", "int"), Arg("multiple", "int"))
 BUDGETS = ("param_count", "flop_count")
 
 
-def _counted(el: "Elaborator", call: ast.Call, name: str):
+def _counted(el: Elaborating, call: ast.Call, name: str):
     if el.counted is None:
         raise SpecError(f"{name}() is known only once the whole model is built", call.span,
                         help="use it in a `require` at the top level of a model, e.g. "
@@ -817,7 +815,7 @@ def _param_count(el, call, a):
     return _counted(el, call, "param_count").param_count
 
 
-def _flop_count(el: "Elaborator", call: ast.Call) -> int:
+def _flop_count(el: Elaborating, call: ast.Call) -> int:
     """The model's FLOPs with every symbolic size given by keyword: flop_count(B=1, T=64)."""
     unit = _counted(el, call, "flop_count")
     if call.args:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gatedsl.errors import ShapeError
-from gatedsl.ir.graph import InitSpec
+from gatedsl.ir.graph import Graph, InitSpec
 from gatedsl.ir.types import (
     Dim,
     Poly,
@@ -72,6 +72,21 @@ def op(name: str, attrs: type[Attrs], flops=None, params=None):
         return infer
 
     return register
+
+
+def graph_flops(graph: Graph) -> Poly:
+    """The FLOPs of running `graph` once: its ops' counts summed (a scan's, cascade's or expert's own body
+    counted through its op)."""
+    terms: dict[tuple[str, ...], int] = {}  # summed in place: a new Poly per node was most of this pass's time
+    for n in graph.order():
+        data = graph.node(n)
+        flops = REGISTRY[data["op"]].flops
+        if flops is no_flops:  # inputs, parameters, fills, views: a quarter of the nodes
+            continue
+        ins = [graph.type_of(p) for p in data["inputs"]]
+        for factors, coeff in flops(data["attrs"], ins, data["types"]).terms.items():
+            terms[factors] = terms.get(factors, 0) + coeff
+    return Poly(terms)
 
 
 def _elementwise_flops(a, ins, outs) -> Poly:
@@ -896,11 +911,9 @@ class ScanAttrs(Attrs):
 
 
 def _scan_flops(a: ScanAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops  # the body's own count
-
     seq = ins[a.roles.index("seq")]
     steps = Poly.of(seq.shape[a.axes[0]])
-    return graph_flops(a.body) * steps
+    return graph_flops(a.body) * steps  # the body's own count, once per step
 
 
 @op("scan", ScanAttrs, flops=_scan_flops)
@@ -931,8 +944,6 @@ class CascadeStageAttrs(Attrs):
 
 
 def _stage_flops(a: CascadeStageAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops
-
     return graph_flops(a.body)
 
 
@@ -964,8 +975,6 @@ def cascade_stages(a: CascadeAttrs) -> list[CascadeStageAttrs]:
 
 
 def _cascade_flops(a: CascadeAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops
-
     return graph_flops(a.body)  # every stage: the training cost, and inference's worst case
 
 
@@ -991,8 +1000,6 @@ class MoeExpertAttrs(Attrs):
 
 
 def _expert_flops(a: MoeExpertAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops
-
     return graph_flops(a.body)
 
 
@@ -1022,8 +1029,6 @@ def moe_experts(a: MoeDispatchAttrs) -> list[MoeExpertAttrs]:
 
 
 def _dispatch_flops(a: MoeDispatchAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops
-
     return graph_flops(a.body) + Poly.numel(outs[0].shape) * (2 * len(moe_experts(a)))  # weight and add each
 
 
@@ -1129,8 +1134,7 @@ def linear_scan_parts(a: LinearScanAttrs, ins: list) -> tuple[Any, list, Any, An
 
 
 def _linear_scan_flops(a: LinearScanAttrs, ins, outs) -> Poly:
-    from gatedsl.passes.count_flops import graph_flops  # the cell's own count, once per step
-
+    # the cell's own count, once per step
     return graph_flops(a.body) * Poly.of(max((t.shape[0] for t in ins[:-1]), key=lambda d: d != 1))
 
 

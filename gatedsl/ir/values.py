@@ -59,3 +59,22 @@ def describe(value) -> str:
     if isinstance(value, (list, tuple)):
         return f"a list of {len(value)}"
     return type(value).__name__
+
+
+def show(value) -> str:
+    """A static value as a spec would write it (a tensor as its type), for a diagnostic."""
+    from gatedsl.frontend.ast import Definition
+
+    if isinstance(value, Tensor):
+        return str(value.type)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Definition):
+        return value.name
+    return str(value)
+
+
+def show_int(n: int) -> str:
+    """An integer for a diagnostic: its digits, or, past 30 of them, its ends and how many there are."""
+    text = str(n)
+    return text if len(text) <= 30 else f"{text[:12]}…{text[-6:]} ({len(text)} digits)"

@@ -32,10 +32,10 @@ from gatedsl.ir.ops import (
     InputAttrs,
     MoeDispatchAttrs,
     MoeExpertAttrs,
+    graph_flops,
     normalize_axis,
 )
 from gatedsl.ir.types import Poly, TensorType
-from gatedsl.passes.count_flops import graph_flops
 
 
 def route_experts(unit: ModelIR) -> ModelIR:

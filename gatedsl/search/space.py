@@ -16,7 +16,7 @@ first value: the model does not read it.
 
 Screening runs the analysis passes on the parsed spec (parsed once, elaborated per candidate), with no
 weights allocated and without torch. Elaboration replays the calls of cells and blocks it has already
-elaborated with the same arguments (passes/elaborate.py CallMemo): a model's layers after the first, and the
+elaborated with the same arguments (passes/elaborate/memo.py CallMemo): a model's layers after the first, and the
 calls the space keeps from earlier candidates; the unit, and so the verdict, is the one elaborating gives.
 """
 
@@ -37,13 +37,12 @@ from gatedsl.api import load, pick_model
 from gatedsl.errors import NameResolutionError, Note, Span, SpecError, SpecTypeError
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import resolve_import
-from gatedsl.frontend.parameters import override_value
 from gatedsl.frontend.parser import parse
 from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.values import Builtin
 from gatedsl.passes import OPTIMIZATIONS, PIPELINE, check_budgets, elaborate, verify_graph
-from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame
+from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame, override_value
 
 Value = str | int | float | bool
 

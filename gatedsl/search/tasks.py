@@ -196,7 +196,7 @@ class Task(ABC):
         graph = getattr(module, "_ir", None)
         if rep is None or graph is None:
             return None
-        from gatedsl.passes.count_flops import graph_flops
+        from gatedsl.ir.ops import graph_flops
 
         # The report keeps the polynomial only as rounded text, so it is recounted on the module's graph; an
         # optimisation that counted differently would show at unit sizes, where the report's value is exact.

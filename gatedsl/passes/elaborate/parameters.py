@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gatedsl.errors import LimitError, OverrideError, SourceCache, SpecError, SpecTypeError, clip
 from gatedsl.frontend import ast
+from gatedsl.ir.elaboration import Elaborating
 from gatedsl.ir.values import Builtin
-
-if TYPE_CHECKING:
-    from gatedsl.passes.elaborate import Elaborator
+from gatedsl.passes.elaborate.signature import check_value_param
 
 
-def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: dict[str, Any]) -> dict[str, Any]:
+def bind_model_parameters(el: Elaborating, model: ast.Definition, overrides: dict[str, Any]) -> dict[str, Any]:
     """Values of every model parameter, defaults first and then overrides, each checked against its domain."""
-    from gatedsl.passes.elaborate import check_value_param
-
     declared = {p.name: p for p in model.params}
     for p in model.params:
         if p.tensor is not None:
@@ -41,11 +38,9 @@ def bind_model_parameters(el: "Elaborator", model: ast.Definition, overrides: di
     return bound
 
 
-def override_value(el: "Elaborator", p: ast.Param, value: Any) -> Any:
+def override_value(el: Elaborating, p: ast.Param, value: Any) -> Any:
     """One override as the model binds it: text read as for `-p NAME=VALUE`, then checked against the domain; a
     value the declaration does not allow is an OverrideError (a mistake in the declaration stays a SpecError)."""
-    from gatedsl.passes.elaborate import check_value_param
-
     try:
         return check_value_param(el, p, _static_value(_from_user(el, p, value), p), p.span)
     except SpecError as err:
@@ -96,7 +91,7 @@ def _static_value(value: Any, p: ast.Param) -> Any:
     return value
 
 
-def _from_user(el: "Elaborator", p: ast.Param, value: Any) -> Any:
+def _from_user(el: Elaborating, p: ast.Param, value: Any) -> Any:
     """An override as the parameter's type: CLI strings are parsed, names resolve to blocks."""
     kind = p.value_type.kind if p.value_type else None
     if not isinstance(value, str):

@@ -1,11 +1,9 @@
-"""Elaborate: evaluate a model's AST with its parameters bound, inlining blocks, expanding repeats and ifs, into the graph IR with every shape inferred."""
+"""The interpreter: evaluate a model's AST statement by statement, inlining calls of blocks and cells, into the graph IR with every shape inferred."""
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -22,57 +20,47 @@ from gatedsl.errors import (
 )
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import Program
-from gatedsl.ir.graph import GATE_KINDS, NODE_KEYS, GateMark, Graph, InitSpec, ModuleSpec, ParamSpec, Port
+from gatedsl.ir.builtins import BUDGETS, BUILTINS
+from gatedsl.ir.elaboration import Frame, Names
+from gatedsl.ir.graph import GATE_KINDS, GateMark, Graph, InitSpec, ParamSpec
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.ops import REGISTRY
-from gatedsl.ir.types import Dim, Sym, TensorType, dim_mul, show_shape
-from gatedsl.ir.values import Builtin, Tensor, describe
+from gatedsl.ir.types import Dim, Sym, TensorType, dim_mul
+from gatedsl.ir.values import Builtin, Tensor, describe, show, show_int
 from gatedsl.ir.reserved_names import safe_argument_name, safe_attribute_name
+from gatedsl.passes.elaborate.memo import OVER_LIMIT, CallMemo, Recording, Template
+from gatedsl.passes.elaborate.parameters import bind_model_parameters
+from gatedsl.passes.elaborate.signature import bind_signature, names_in, signature_dims
 
 MAX_DEPTH = 64  # nested block calls
 MAX_INT_BITS = 64  # static integers beyond this are surely a mistake
 MAX_SYM_FACTORS = 16  # a symbolic size B*T*... with more factors is surely a runaway product
 
 
-@dataclass
-class Frame:
-    """One invocation of a definition: its graph, its variables and its instance path."""
-
-    definition: ast.Definition
-    graph: Graph
-    path: str  # instance path prefix: "" or "layers.1.cell."
-    env: dict[str, Any]
-    returns: list[Any] | None = None
-    stmt: str = ""  # the statement path being elaborated, e.g. "layers.1.cell.z"
-    # Where the statement's own learned tensors and modules start in graph.params / graph.modules: only those
-    # can sit under its path, so looking for them never scans the whole model (which would be quadratic).
-    stmt_params: int = 0
-    stmt_modules: int = 0
-
-
 class Elaborator:
+    """One elaboration: the frames being evaluated, what they have built so far and the names they have taken
+    (ir/elaboration.py's Elaborating is what the code it calls sees of it)."""
+
     def __init__(self, program: Program, limits: Limits, memo: CallMemo | None = None):
         self.program = program
         self.limits = limits
         # Calls elaborated before, replayed at a new instance path (screening many candidates of one spec).
         self.memo = memo if memo is not None and memo.program is program else None
-        self._recordings: list[_Recording] = []  # the memoised calls being elaborated, innermost last
-        self._calls: dict[tuple, _Template | None] = {}  # the calls this elaboration recorded (see CallMemo)
+        self._recordings: list[Recording] = []  # the memoised calls being elaborated, innermost last
+        self._calls: dict[tuple, Template | None] = {}  # the calls this elaboration recorded (see CallMemo)
         self._signature_dims: dict[int, set[str]] = {}
         self._calls_by_name: dict[int, list[ast.Call]] = {}  # per expression, its calls of param_count/flop_count
         self.budget = 0
         self.param_total = 0  # learned elements declared so far
         self.declared_params: list[ParamSpec] = []  # every learned tensor so far, for the over-the-limit diagnostic
         self.stack: list[Frame] = []
-        self.used_names: dict[str, set[str]] = {}  # per path prefix, names already taken
+        self.used_names: dict[str, Names] = {}  # per path prefix, names already taken
         self.shapes: dict[str, TensorType] = {}
         # Model-level `require`s that read param_count()/flop_count(), with the names bound where they stand:
         # passes/check_budgets.py checks them once the counts exist (then `counted` is the counted unit).
         self.budget_requires: list[tuple[ast.Require, dict[str, Any]]] = []
         self.counted: ModelIR | None = None
-        from gatedsl.ir import builtins  # registers the primitive functions
-
-        self.builtins = builtins.BUILTINS
+        self.builtins = BUILTINS
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -89,16 +77,13 @@ class Elaborator:
             )
 
     def unique(self, prefix: str, base: str) -> str:
-        taken = self.used_names.setdefault(prefix, set())
+        """A name not yet taken under instance-path prefix `prefix`: `base`, else base_1, base_2, ..."""
+        names = self.used_names.get(prefix)
+        if names is None:
+            names = self.used_names[prefix] = Names()
         # Instance paths become torch module attributes and Python names in generated code: keywords,
         # nn.Module / GraphModule attributes (training, forward, state_dict, ...) and _private names get a "_".
-        base = safe_attribute_name(base)
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
+        return names.fresh(safe_attribute_name(base))
 
     def argument_name(self, name: str) -> str:
         """The name an input takes in the current graph's generated forward(): the spec's, unless Python or
@@ -112,7 +97,7 @@ class Elaborator:
         set by keyword."""
         found = self._signature_dims.get(id(definition))  # the program holds its definitions: ids stay theirs
         if found is None:
-            found = self._signature_dims[id(definition)] = _signature_dims(definition)
+            found = self._signature_dims[id(definition)] = signature_dims(definition)
         return found
 
     def module_path(self, role: str) -> str:
@@ -191,8 +176,6 @@ class Elaborator:
 
     # --------------------------------------------------------------- the model
     def elaborate_model(self, model: ast.Definition, overrides: dict[str, Any]) -> tuple[Graph, dict[str, Any]]:
-        from gatedsl.frontend.parameters import bind_model_parameters
-
         graph = Graph(model.name)
         frame = Frame(model, graph, "", {})
         self.stack.append(frame)
@@ -261,7 +244,7 @@ class Elaborator:
         if not self.static_bool(stmt.cond, "a `require` condition"):
             notes = self._binding_notes(stmt.cond)
             for call in self.budget_calls(stmt.cond):
-                sizes = ", ".join(f"{kw.name}={_show(self.eval(kw.value))}" for kw in call.kwargs)
+                sizes = ", ".join(f"{kw.name}={show(self.eval(kw.value))}" for kw in call.kwargs)
                 notes.append(Note(f"{call.func.id}({sizes}) = {self.eval(call):,}", call.span))
             raise SpecError(f"requirement failed: {stmt.message or 'the condition is false'}", stmt.cond.span,
                             notes=notes)
@@ -275,8 +258,8 @@ class Elaborator:
         return [c for c in calls if c.func.id not in env and c.func.id not in definitions]
 
     def _binding_notes(self, expr: ast.Expr) -> list[Note]:
-        names = sorted({n.id for n in _names_in(expr) if n.id in self.frame.env})
-        shown = [f"{n} = {_show(self.frame.env[n])}" for n in names]
+        names = sorted({n.id for n in names_in(expr) if n.id in self.frame.env})
+        shown = [f"{n} = {show(self.frame.env[n])}" for n in names]
         return [Note(", ".join(shown))] if shown else []
 
     def set_stmt(self, target: str) -> None:
@@ -456,7 +439,7 @@ class Elaborator:
 
     def number(self, expr: ast.Number) -> int | float:
         if isinstance(expr.value, int) and expr.value.bit_length() > MAX_INT_BITS:
-            raise LimitError(f"the integer {_short(expr.value)} is too large", expr.span,
+            raise LimitError(f"the integer {show_int(expr.value)} is too large", expr.span,
                              help=f"static integers have at most {MAX_INT_BITS} bits")
         if isinstance(expr.value, float) and not math.isfinite(expr.value):
             raise LimitError("a number overflows to infinity", expr.span)
@@ -552,7 +535,7 @@ class Elaborator:
         if isinstance(callee, Builtin):
             value = self.builtins[callee.name](self, expr)
             if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
-                raise LimitError(f"{callee.name} gives {_short(value)}, which is too large", expr.span,
+                raise LimitError(f"{callee.name} gives {show_int(value)}, which is too large", expr.span,
                                  help=f"static integers have at most {MAX_INT_BITS} bits")
             return value
         if isinstance(callee, ast.Definition):
@@ -568,7 +551,7 @@ class Elaborator:
         """Inline a block (or one step of a cell) at the call site."""
         self._enter_check(definition, call.span)
         path = self.frame.path + self.unique(self.frame.path, name) + "."
-        return self.memoised(("call", id(call)), definition, args, kwargs, path,
+        return self.run_call(("call", id(call)), definition, call, args, kwargs, path,
                              lambda: self._invoke(definition, args, kwargs, call, path))
 
     def _invoke(self, definition: ast.Definition, args, kwargs, call: ast.Expr, path: str) -> Any:
@@ -588,31 +571,36 @@ class Elaborator:
             raise SpecError(f"block {definition.name} has no `return`", definition.span)
         return frame.returns[0] if len(frame.returns) == 1 else tuple(frame.returns)
 
-    def memoised(self, site: tuple, callee: ast.Definition, args: list, kwargs: dict, path: str,
+    def run_call(self, site: tuple, callee: ast.Definition, call: ast.Expr, args: list, kwargs: dict, path: str,
                  elaborate: Callable[[], Any]) -> Any:
-        """`elaborate()`, the call of `callee` at `site` with these arguments, made at instance `path` in the
-        current frame: replayed from the memo where the same call was elaborated with the same arguments and
-        in the same place before, else elaborated (and recorded)."""
-        memo = self.memo
-        key, ports = memo.key(self, site, callee, args, kwargs) if memo is not None else (None, None)
-        if key is None:
-            return elaborate()
-        found, template = memo.get(key, self._calls)
-        if template is not None:
-            replayed = template.replay(self, path, ports)
-            if replayed is not _OVER_LIMIT:
-                return replayed[0]
-            # Over a limit: elaborate, so that the error names the op or tensor where the limit is crossed.
-        elif found:  # known not to be memoisable
-            return elaborate()
-        recording = _Recording(self)
-        self._recordings.append(recording)
+        """`elaborate()`, the call (or scan) `call` of `callee` at `site` with these arguments, made at instance
+        `path` in the current frame: replayed from the memo where the same call was elaborated with the same
+        arguments and in the same place before, else elaborated (and recorded). An error from inside the callee
+        leaves with a note at `call` (see _note_call)."""
         try:
-            value = elaborate()
-        finally:
-            self._recordings.pop()
-        memo.put(key, recording.template(self, path, ports, value), self._calls)
-        return value
+            memo = self.memo
+            key, ports = memo.key(self, site, callee, args, kwargs) if memo is not None else (None, None)
+            if key is None:
+                return elaborate()
+            found, template = memo.get(key, self._calls)
+            if template is not None:
+                replayed = template.replay(self, path, ports)
+                if replayed is not OVER_LIMIT:
+                    return replayed[0]
+                # Over a limit: elaborate, so that the error names the op or tensor where the limit is crossed.
+            elif found:  # known not to be memoisable
+                return elaborate()
+            recording = Recording(self)
+            self._recordings.append(recording)
+            try:
+                value = elaborate()
+            finally:
+                self._recordings.pop()
+            memo.put(key, recording.template(self, path, ports, value), self._calls)
+            return value
+        except SpecError as err:
+            _note_call(err, callee, call)
+            raise
 
     def _touch(self, node: int) -> None:
         """A node is about to be renamed or marked: a body being recorded must not change one it did not add."""
@@ -686,7 +674,7 @@ class Elaborator:
         if isinstance(axis, str) and isinstance(self.frame.env.get(axis), Sym):
             axis = self.frame.env[axis]
         label = self.frame.stmt.rsplit(".", 1)[-1]
-        return self.memoised(("scan", id(expr), want_all, axis, label), cell, args, kwargs, path,
+        return self.run_call(("scan", id(expr), want_all, axis, label), cell, expr, args, kwargs, path,
                              lambda: self._scan(expr, want_all, cell, args, kwargs, path, axis, label))
 
     def _scan(self, expr: ast.Scan, want_all: bool, cell: ast.Definition, args: list, kwargs: dict, path: str,
@@ -822,7 +810,7 @@ class Elaborator:
             if not isinstance(value, Tensor) or value.type != captured[name].type:
                 raise ShapeError(
                     f"{name} is carried from stage to stage, so it must stay {captured[name].type}; "
-                    f"stage {index} makes it {_show(value)}", value.origin if isinstance(value, Tensor) else expr.span,
+                    f"stage {index} makes it {show(value)}", value.origin if isinstance(value, Tensor) else expr.span,
                     notes=[Note(f"{name} is {captured[name].type} before the cascade", captured[name].origin)])
         graph.outputs = [("exit", head.port), ("gate", gate.port)] + [(n, frame.env[n].port) for n in carried]
         return graph, head, gate, threshold
@@ -971,9 +959,29 @@ def _check_constants(op: str, values, span: Span) -> None:
             raise LimitError(f"{op}: the constant {v} does not fit in an int64 tensor", span)
 
 
-def _short(n: int) -> str:
-    text = str(n)
-    return text if len(text) <= 30 else f"{text[:12]}…{text[-6:]} ({len(text)} digits)"
+class CallNote(Note):
+    """A note at a call an error happened inside of: with its callers' notes, a chain down from the user's spec."""
+
+
+def _note_call(err: SpecError, callee: ast.Definition, call: ast.Expr) -> None:
+    """Add a note at `call` to an error that lies inside `callee` (or that a note at a call in it already leads
+    to), before the notes at the calls inside: the chain then reads from the user's call site down to the
+    error, as rustc shows macro expansions. An error at the call itself (an argument that does not fit) lies in
+    the caller, and gets its note, if any, from the caller's call."""
+    first = next((i for i, note in enumerate(err.notes) if type(note) is CallNote), None)
+    if first is None and not _inside(err.span, callee.span):
+        return
+    if isinstance(call, ast.Scan):
+        name, how = call.cell.id, "scan of"
+    else:
+        name, how = (call.func.id if isinstance(call.func, ast.Name) else callee.name), "call to"
+    shown = name if name == callee.name else f"{name} ({callee.kind} {callee.name})"
+    err.insert_note(len(err.notes) if first is None else first, CallNote(f"in this {how} {shown}", call.span))
+
+
+def _inside(span: Span, region: Span) -> bool:
+    return span.file == region.file and region.end_line is not None and \
+        (region.line, region.column) <= (span.line, span.column) <= (region.end_line, region.end_column or 0)
 
 
 def _describe_operand(t: Tensor) -> str:
@@ -1021,8 +1029,6 @@ def _cascade_names(body: list[ast.Stmt]) -> tuple[list[ast.Name], list[str]]:
 
 def _budget_named_calls(expr: ast.Node) -> list[ast.Call]:
     """The calls in `expr` of a function named param_count or flop_count, outermost first."""
-    from gatedsl.ir.builtins import BUDGETS
-
     found = []
     if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in BUDGETS:
         found.append(expr)
@@ -1035,677 +1041,6 @@ def _budget_named_calls(expr: ast.Node) -> list[ast.Call]:
 
 def _holds_tensor(value: Any) -> bool:
     return isinstance(value, Tensor) or (isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value))
-
-
-def _names_in(expr: ast.Expr):
-    if isinstance(expr, ast.Name):
-        yield expr
-    for value in vars(expr).values():
-        if isinstance(value, ast.Expr):
-            yield from _names_in(value)
-        elif isinstance(value, list):
-            for v in value:
-                if isinstance(v, ast.Expr):
-                    yield from _names_in(v)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return str(value.type)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, ast.Definition):
-        return value.name
-    return str(value)
-
-
-# ------------------------------------------------------------- signatures
-def bind_signature(
-    el: Elaborator,
-    definition: ast.Definition,
-    frame: Frame,
-    args: list[Any],
-    kwargs: dict[str, tuple[Any, Span]],
-    call: ast.Expr,
-    step_axis: tuple[str | int | Sym, Span] | None,
-) -> dict[str, tuple[str, int | None, Tensor | None]]:
-    """Bind call arguments to a definition's parameters in `frame.env`, unifying tensor shapes.
-
-    For a scan (`step_axis` given), sequence arguments are matched without the scanned axis.
-    Returns, per tensor parameter, (role, scanned axis, the caller's tensor or None).
-    Each tensor parameter's one-step type is stored in env under "\\0type:NAME".
-    """
-    env = frame.env
-    params = definition.params
-    by_name = {p.name: p for p in params}
-    call_args = getattr(call, "args", [])
-    call_span = call.span
-
-    # 1. Match positional and keyword arguments to parameters.
-    given: dict[str, tuple[Any, Span]] = {}
-    if len(args) > len(params):
-        raise SpecTypeError(f"{definition.name} takes {len(params)} arguments, got {len(args)}", call_span,
-                            notes=[Note("defined here", definition.span)])
-    for p, value, node in zip(params, args, call_args):
-        given[p.name] = (value, node.span)
-    dim_kwargs: dict[str, tuple[Any, Span]] = {}
-    for name, (value, span) in kwargs.items():
-        if name in given:
-            raise SpecTypeError(f"argument '{name}' is given twice", span)
-        if name in by_name:
-            given[name] = (value, span)
-        elif name in el.signature_dims(definition):
-            dim_kwargs[name] = (value, span)
-        else:
-            names = ", ".join(p.name for p in params)
-            raise SpecTypeError(f"{definition.name} has no parameter '{name}'", span,
-                                notes=[Note(f"its parameters are: {names}", definition.span)])
-
-    # 2. Static values given explicitly, and sizes passed by keyword (H=64).
-    for name, (value, span) in dim_kwargs.items():
-        env[name] = el.as_dim(value, span)
-    for p in params:
-        if p.tensor is None and p.name in given:
-            value, span = given[p.name]
-            env[p.name] = check_value_param(el, p, value, span)
-
-    # 3. Tensor arguments: unify with the declared shapes, binding free dims.
-    star: list[tuple[Dim, ...] | None] = [None]
-    result: dict[str, tuple[str, int | None, Tensor | None]] = {}
-    for p in params:
-        if p.tensor is None:
-            continue
-        if p.name not in given:
-            if not p.state:
-                raise SpecTypeError(f"{definition.name} needs argument '{p.name}'", call_span,
-                                    notes=[Note(f"{p.name} is declared here", p.span)])
-            result[p.name] = ("state", None, None)
-            continue
-        value, span = given[p.name]
-        if not isinstance(value, Tensor):
-            raise SpecTypeError(f"argument '{p.name}' of {definition.name} must be a tensor, got {describe(value)}",
-                                span, notes=[Note(f"{p.name} is declared here", p.span)])
-        step_type, axis = value.type, None
-        role = "state" if p.state else "const"
-        if step_axis is not None and not p.state:
-            axis = _find_axis(value.type, step_axis[0])
-            if axis is not None:
-                role = "seq"
-                step_type = TensorType(value.type.shape[:axis] + value.type.shape[axis + 1:], value.type.dtype)
-        unify(el, definition, p, step_type, env, star, span, value)
-        result[p.name] = (role, axis, value)
-        env[p.name] = value
-        env[f"\0type:{p.name}"] = step_type
-    if step_axis is not None and not any(r[0] == "seq" for r in result.values()):
-        axis_name, axis_span = step_axis
-        raise ShapeError(f"no input of {definition.name} has the axis {axis_name} to scan over", axis_span,
-                         notes=[Note(f"{n} is {v[2].type}", v[2].origin) for n, v in result.items() if v[2]])
-
-    # 4. Defaults of static parameters, evaluated in the callee with the dims bound so far.
-    el.stack.append(frame)
-    try:
-        for p in params:
-            if p.tensor is not None or p.name in env:
-                continue
-            if p.default is None:
-                raise SpecTypeError(f"{definition.name} needs argument '{p.name}'", call_span,
-                                    notes=[Note(f"{p.name} is declared here", p.span)])
-            env[p.name] = check_value_param(el, p, el.eval(p.default), p.default.span)
-        # 5. Declared types of states that start at zero: every dim must now be known.
-        for p in params:
-            if p.tensor is not None and p.name not in given:
-                env[f"\0type:{p.name}"] = _declared_type(el, definition, p, env, star[0], call_span)
-    finally:
-        el.stack.pop()
-    return result
-
-
-def _signature_dims(definition: ast.Definition) -> set[str]:
-    names = set()
-    for p in definition.params:
-        if p.tensor is not None:
-            for d in p.tensor.dims:
-                if isinstance(d, ast.Expr):
-                    names |= {n.id for n in _names_in(d)}
-    return names
-
-
-def _find_axis(ttype: TensorType, axis: str | int | Sym) -> int | None:
-    """Where a scan's axis is in an argument: the one dim with that size name, or, for an integer axis,
-    that position in every argument of a high enough rank (so an integer axis leaves no constants)."""
-    if isinstance(axis, int):
-        rank = ttype.rank
-        return axis % rank if -rank <= axis < rank else None
-    matches = [i for i, d in enumerate(ttype.shape) if d == (axis if isinstance(axis, Sym) else Sym.named(axis))]
-    return matches[0] if len(matches) == 1 else None
-
-
-def unify(el: Elaborator, definition: ast.Definition, p: ast.Param, actual: TensorType, env: dict, star: list,
-          span: Span, value: Tensor) -> None:
-    pattern = p.tensor
-    dims = pattern.dims
-    has_star = bool(dims) and isinstance(dims[0], ast.StarDim)
-    fixed = dims[1:] if has_star else dims
-    declared = f"{'' if pattern.dtype == 'float' else pattern.dtype}[{', '.join(_dim_src(d) for d in dims)}]"
-    where = [Note(f"{p.name} is declared {declared}", p.span), Note(f"the argument is {actual}", value.origin)]
-    if any(isinstance(d, ast.StarDim) for d in fixed):
-        raise SpecTypeError("`*` may only stand first in a shape", p.span)
-    if actual.dtype != pattern.dtype:
-        raise SpecTypeError(f"argument '{p.name}' of {definition.name} must be {pattern.dtype}, got {actual.dtype}",
-                            span, notes=where)
-    rank_ok = actual.rank >= len(fixed) if has_star else actual.rank == len(fixed)
-    if not rank_ok:
-        raise ShapeError(f"argument '{p.name}' of {definition.name} has rank {actual.rank}, expected "
-                         f"{'at least ' if has_star else ''}{len(fixed)}", span, notes=where)
-    lead = actual.shape[: actual.rank - len(fixed)]
-    if has_star:
-        if star[0] is None:
-            star[0] = lead
-        elif star[0] != lead:
-            raise ShapeError(
-                f"argument '{p.name}' of {definition.name} has leading dims {show_shape(lead)}, "
-                f"but an earlier argument's `*` matched {show_shape(star[0])}", span, notes=where)
-    for d, size in zip(fixed, actual.shape[actual.rank - len(fixed):]):
-        if isinstance(d, ast.Name) and d.id not in env and d.id not in el.builtins \
-                and d.id not in el.program.definitions:
-            env[d.id] = size  # a free dim: bound by this argument
-            continue
-        el.stack.append(Frame(definition, el.frame.graph, "", env))
-        try:
-            expected = el.as_dim(el.eval(d), d.span)
-        finally:
-            el.stack.pop()
-        if expected != size:
-            bound = ", ".join(f"{n.id} = {_show(env[n.id])}" for n in _names_in(d) if n.id in env)
-            raise ShapeError(
-                f"argument '{p.name}' of {definition.name}: expected {_dim_src(d)} = {expected}, got {size} "
-                f"(in {actual})",
-                span, notes=where + ([Note(bound)] if bound else []))
-
-
-def _dim_src(d) -> str:
-    if isinstance(d, ast.StarDim):
-        return "*"
-    if isinstance(d, ast.Name):
-        return d.id
-    if isinstance(d, ast.Number):
-        return str(d.value)
-    return "…"
-
-
-def _declared_type(el: Elaborator, definition: ast.Definition, p: ast.Param, env: dict,
-                   star: tuple[Dim, ...] | None, span: Span) -> TensorType:
-    dims: list[Dim] = []
-    for d in p.tensor.dims:
-        if isinstance(d, ast.StarDim):
-            if star is None:
-                raise ShapeError(f"cannot tell the leading dims `*` of state {p.name}", span,
-                                 notes=[Note("declared here", p.span)],
-                                 help="pass an input with `*` in its shape, or an initial state")
-            dims.extend(star)
-            continue
-        if isinstance(d, ast.Name) and d.id not in env and d.id not in el.builtins:
-            raise ShapeError(
-                f"cannot tell the size {d.id} of state {p.name}", span,
-                notes=[Note(f"{p.name} is declared here", p.span)],
-                help=f"pass {d.id}=... or an initial {p.name}=... to {definition.name}",
-            )
-        dims.append(el.as_dim(el.eval(d), d.span))
-    return TensorType(tuple(dims), p.tensor.dtype)
-
-
-def check_value_param(el: Elaborator, p: ast.Param, value: Any, span: Span) -> Any:
-    """Check a static argument against its declared type and domain."""
-    vt = p.value_type
-    if vt is None:
-        return value
-    if isinstance(value, Tensor):
-        raise SpecTypeError(f"'{p.name}' is a static {vt.kind} parameter; a tensor cannot set it", span,
-                            notes=[Note("declared here", p.span)])
-    if vt.kind == "int":
-        value = el.as_int(value, span, f"'{p.name}'")
-    elif vt.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecTypeError(f"'{p.name}' must be a float, got {describe(value)}", span)
-        try:
-            value = float(value)
-        except OverflowError:
-            raise LimitError(f"'{p.name}' = {_short(value)} is too large for a float", span) from None
-        if not math.isfinite(value):
-            raise SpecTypeError(f"'{p.name}' must be a finite float, got {value}", span)
-    elif vt.kind == "bool":
-        if not isinstance(value, bool):
-            raise SpecTypeError(f"'{p.name}' must be true or false, got {describe(value)}", span)
-    elif vt.kind == "str":
-        if not isinstance(value, str):
-            raise SpecTypeError(f"'{p.name}' must be a string, got {describe(value)}", span)
-    elif vt.kind == "block":
-        if not isinstance(value, (ast.Definition, Builtin)) or (isinstance(value, ast.Definition)
-                                                                 and value.kind == "model"):
-            raise SpecTypeError(f"'{p.name}' must be a block, got {describe(value)}", span)
-    elif vt.kind == "choice":
-        choices = [el.eval(c) for c in vt.choices]
-        if not any(_same(value, c) for c in choices):
-            shown = ", ".join(_show(c) for c in choices)
-            raise SpecTypeError(f"'{p.name}' must be one of {{{shown}}}, got {_show(value)}", span,
-                                notes=[Note("declared here", p.span)])
-    if vt.kind in ("int", "float") and vt.low is not None:
-        low, high = el.eval(vt.low), el.eval(vt.high)
-        for bound, node in ((low, vt.low), (high, vt.high)):
-            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-                raise SpecTypeError(f"the domain of '{p.name}' needs static numbers as bounds, got {describe(bound)}",
-                                    node.span)
-        if low > high:
-            raise SpecTypeError(f"the domain {_show(low)}..{_show(high)} of '{p.name}' is empty", vt.span)
-        if vt.log and low <= 0:
-            raise SpecTypeError(f"a log domain needs a positive lower bound, got {_show(low)}", vt.low.span)
-        if not (low <= value <= high):
-            shown = _short(value) if isinstance(value, int) else _show(value)
-            raise SpecTypeError(f"'{p.name}' = {shown} is outside its domain {_show(low)}..{_show(high)}", span,
-                                notes=[Note("declared here", p.span)])
-    return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
-
-
-# ------------------------------------------------------------- call memo
-# Attribute fields that hold instance paths, per op: a call replayed at another path gets these re-pathed. A
-# recorded node with any other string under the call's path, or holding a graph other than a scan's body (a
-# cascade's stage graphs are named after their path), leaves the call un-memoisable.
-_PATH_FIELDS = {"param": ("path",), "linear": ("weight", "bias"), "norm": ("weight", "bias"),
-                "conv": ("weight", "bias"), "embedding": ("weight",), "dropout": ("module",),
-                "noise": ("module",), "scan": ("path",)}
-_OVER_LIMIT = object()  # a replay that would cross max_nodes or max_params
-_UNBOUND = object()  # a name a callee's parameter domain reads that the caller has not bound
-
-
-class _NotMemoisable(Exception):
-    """The call reads or leaves something a replay would not reproduce: it is elaborated afresh each time."""
-
-
-class CallMemo:
-    """Calls of blocks and cells (and scans of cells) elaborated once and replayed: the nodes, learned tensors and
-    names a call added, keyed by everything its elaboration reads (the call site, the callee, the arguments'
-    values, and the tensors' types, origins and aliasing, the calling stack and statement), re-pathed to the
-    instance it is replayed at.
-
-    Screening many candidates of one spec (gatedsl.search.Space) elaborates the same cell or block with the same
-    arguments at every layer and in many candidates. A replay adds the nodes, learned tensors, shapes and names
-    that elaborating the call would add, in the same order; a call whose elaboration fails is never recorded, so
-    errors are raised by elaborating.
-
-    A call's record serves the rest of the elaboration that made it (the model's other layers); the memo keeps
-    it for later elaborations only if the call was seen in an earlier one too: a record kept is an object the
-    garbage collector walks at every full collection from then on, which costs about what replaying it once
-    saves (BENCHMARKS.md). The least recently used records go beyond `max_entries` (a forecaster layer's scan
-    or attention block takes about 30 kB).
-    """
-
-    def __init__(self, program: Program, max_entries: int = 2048, max_seen: int = 1 << 16):
-        self.program = program
-        self.max_entries = max_entries
-        self.max_seen = max_seen
-        self._templates: dict[tuple, _Template | None] = {}  # None: the call is not memoisable
-        self._seen: set[int] = set()  # hashes of the keys of the calls recorded and not kept
-        self._domain_names: dict[int, tuple[str, ...]] = {}
-        self.hits = 0  # calls replayed
-        self.misses = 0  # calls elaborated (and recorded, where they can be)
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._templates
-
-    def __len__(self) -> int:
-        return len(self._templates)
-
-    def key(self, el: Elaborator, site: tuple, callee: ast.Definition, args: list,
-            kwargs: dict[str, tuple[Any, Span]]) -> tuple[tuple | None, list[Port] | None]:
-        """The call as a memo key, and the ports of the tensors among its arguments, in key order."""
-        frame = el.frame
-        slots: dict[Port, int] = {}
-        # A scanned cell reads placeholders of its arguments' types (their origins and names only ever reach an
-        # error message); a block reads the argument tensors themselves, and may return them.
-        whole = site[0] != "scan"
-        try:
-            bound = (_key_of(args, slots, whole),
-                     tuple((name, _key_of(value, slots, whole)) for name, (value, _) in kwargs.items()))
-            # bind_signature checks an explicit argument against its parameter's domain evaluated where the call
-            # stands: the names that domain reads are read from the caller.
-            caller = tuple((name, _key_of(frame.env.get(name, _UNBOUND), slots, True))
-                           for name in self._names_in_domains(callee))
-        except _NotMemoisable:
-            return None, None
-        stack = tuple(id(f.definition) for f in el.stack)
-        return (site, id(callee), stack, frame.graph is el.stack[0].graph, caller, bound), list(slots)
-
-    def _names_in_domains(self, callee: ast.Definition) -> tuple[str, ...]:
-        names = self._domain_names.get(id(callee))  # the memo holds the program: ids stay their definitions'
-        if names is None:
-            found: set[str] = set()
-            for p in callee.params:
-                vt = p.value_type
-                if vt is not None:
-                    for expr in [vt.low, vt.high] + list(vt.choices or []):
-                        if expr is not None:
-                            found |= {n.id for n in _names_in(expr)}
-            names = self._domain_names[id(callee)] = tuple(sorted(found))
-        return names
-
-    def get(self, key: tuple, calls: dict[tuple, _Template | None]) -> tuple[bool, _Template | None]:
-        """(whether the call is known, its record: None where it is not memoisable), from `calls`, the records of
-        the current elaboration, or the memo's."""
-        if key in calls:
-            found, template = True, calls[key]
-        else:
-            found, template = key in self._templates, self._templates.get(key)
-            if found:
-                self._templates[key] = self._templates.pop(key)  # most recently used last
-        if template is not None:
-            self.hits += 1
-        else:
-            self.misses += 1
-        return found, template
-
-    def put(self, key: tuple, template: _Template | None, calls: dict[tuple, _Template | None]) -> None:
-        """Record a call for the current elaboration (`calls`), and keep it if it was seen in an earlier one."""
-        calls[key] = template
-        seen = hash(key)
-        if seen not in self._seen:
-            if len(self._seen) >= self.max_seen:
-                self._seen.clear()
-            self._seen.add(seen)
-            return
-        self._seen.discard(seen)
-        self._templates.pop(key, None)
-        if len(self._templates) >= self.max_entries:
-            del self._templates[next(iter(self._templates))]
-        self._templates[key] = template
-
-
-def _key_of(value: Any, slots: dict[Port, int], whole: bool) -> Any:
-    """A bound value as part of a memo key: statics by type and value, tensors by their slot (one per port, so
-    that aliasing counts), type, and where `whole`, origin and label; anything else is not memoisable."""
-    kind = type(value)
-    if kind is Tensor:
-        slot = slots.setdefault(value.port, len(slots))
-        # Plain tuples, not the dataclasses: a key is hashed at every lookup, and theirs hash in Python.
-        ttype = (_shape_key(value.type.shape), value.type.dtype)
-        if not whole:
-            return Tensor, slot, ttype
-        origin = value.origin
-        return (Tensor, slot, ttype, value.label,
-                (origin.file, origin.line, origin.column, origin.end_line, origin.end_column))
-    if kind is float:
-        return float, value.hex()  # 0.0 and -0.0 apart, and 1.0 apart from 1 and true
-    if kind is Sym:
-        return kind, value.factors, value.coeff
-    if kind is TensorType:
-        return kind, _shape_key(value.shape), value.dtype
-    if kind in (int, bool, str, Builtin) or value is None or value is _UNBOUND:
-        return kind, value
-    if kind is ast.Definition:
-        return kind, id(value)  # the memo holds the program, so the id stays its own
-    if kind in (list, tuple):
-        return kind, tuple(_key_of(v, slots, whole) for v in value)
-    raise _NotMemoisable
-
-
-def _shape_key(shape: tuple[Dim, ...]) -> tuple:
-    return tuple(d if type(d) is int else (d.factors, d.coeff) for d in shape)
-
-
-class _Recording:
-    """Where the state stood when a memoised call started: what it adds is read off after it, as the template."""
-
-    def __init__(self, el: Elaborator):
-        frame = el.frame
-        self.graph = frame.graph
-        self.start = frame.graph._next
-        self.memoisable = True
-        top = el.stack[0].graph
-        self.counts = (el.budget, el.param_total, len(el.declared_params), len(frame.graph.params),
-                       len(frame.graph.modules), len(top.aux), len(el.shapes), len(el.used_names),
-                       len(frame.graph.inputs), len(frame.graph.outputs))
-
-    def template(self, el: Elaborator, path: str, ports: list[Port], result: Any) -> _Template | None:
-        graph, top = self.graph, el.stack[0].graph
-        budget, param_total, declared, params, modules, aux, shapes, used, inputs, outputs = self.counts
-        if not self.memoisable or (len(graph.inputs), len(graph.outputs)) != (inputs, outputs) \
-                or (len(top.aux) != aux and graph is not top):
-            return None
-        base = path[:-1]  # every path the call makes is this one, or under it
-        start = self.start
-        slot = {port: i for i, port in enumerate(ports)}
-
-        def ref(port: Port) -> tuple[bool, int, int]:
-            if port[0] >= start:
-                return True, port[0] - start, port[1]
-            if port not in slot:
-                raise _NotMemoisable  # a tensor that reached the call by another way than its arguments
-            return False, slot[port], 0
-
-        try:
-            nodes = [_node_template(graph.node(n), start, slot, base) for n in range(start, graph._next)]
-            new_params = graph.params[params:]
-            recorded = {id(p) for p in new_params}
-            for node in nodes:
-                recorded |= node.param_ids()
-            new_declared = el.declared_params[declared:]
-            if any(id(p) not in recorded for p in new_declared):
-                return None
-            return _Template(
-                ticks=el.budget - budget, numel=el.param_total - param_total, nodes=nodes,
-                params=[_param_template(p, base) for p in new_params],
-                modules=[_module_template(m, base) for m in graph.modules[modules:]],
-                aux=[(_relative(name, base), ref(port)) for name, port in top.aux[aux:]],
-                declared=[id(p) for p in new_declared],
-                shapes=tuple(zip(*[(_relative(k, base), v)
-                                   for k, v in _tail(el.shapes, len(el.shapes) - shapes)])) or ((), ()),
-                used_names=tuple((_relative(k, base), tuple(v))
-                                 for k, v in _tail(el.used_names, len(el.used_names) - used)),
-                result=_pack(result, ref))
-        except _NotMemoisable:
-            return None
-
-
-class _NodeTemplate:
-    """One recorded node: its inputs as (made by the call, node offset or argument's slot, output index), its
-    attributes (or, where they hold paths or a body, their class and other fields), its paths made relative, a
-    scan's body as a graph template."""
-
-    __slots__ = ("op", "attrs", "paths", "body", "inputs", "types", "span", "name", "gate", "extras")
-
-    def __init__(self, op, attrs, paths, body, inputs, types, span, name, gate, extras):
-        self.op, self.attrs, self.paths, self.body, self.inputs = op, attrs, paths, body, inputs
-        self.types, self.span, self.name, self.gate, self.extras = types, span, name, gate, extras
-
-    def param_ids(self) -> set[int]:
-        return set() if self.body is None else self.body.param_ids()
-
-
-def _node_template(data: dict[str, Any], start: int, slot: dict[Port, int], base: str) -> _NodeTemplate:
-    """Node `data` as made by a call at path `base` whose nodes start at `start` and whose tensor arguments are
-    the ports in `slot`."""
-    op, attrs = data["op"], data["attrs"]
-    path_fields = _PATH_FIELDS.get(op, ())
-    paths, body = None, None
-    for field_name, value in attrs.__dict__.items():
-        kind = type(value)
-        if field_name in path_fields:
-            paths = paths or {}
-            paths[field_name] = None if value is None else _relative(value, base)
-        elif kind is str or kind is tuple:
-            if _mentions(value, base):
-                raise _NotMemoisable
-        elif kind is Graph:
-            if op != "scan" or field_name != "body":
-                raise _NotMemoisable
-            body = _GraphTemplate(value, base)
-    if op == "scan" and attrs.weights:
-        raise _NotMemoisable  # set by native_rnn, after elaboration
-    if paths is not None or body is not None:
-        # Its class and other fields: replays build it anew (and the recorded body graph may go).
-        attrs = (type(attrs), {k: v for k, v in attrs.__dict__.items() if k not in path_fields and k != "body"})
-    try:
-        inputs = tuple((True, n - start, i) if n >= start else (False, slot[(n, i)], 0) for n, i in data["inputs"])
-    except KeyError:
-        raise _NotMemoisable from None  # a tensor that reached the call by another way than its arguments
-    gate = data["gate"]
-    if gate is not None:
-        gate = (gate.kind, _relative(gate.name, base), gate.line, gate.file)
-    extras = None
-    if len(data) > len(NODE_KEYS):
-        # Copied: the caller may yet rename the node (`a, b = ...` sets out_names after the call).
-        extras = {k: dict(v) if type(v) is dict else v for k, v in data.items() if k not in NODE_KEYS}
-        if any(not isinstance(v, (dict, str, int)) for v in extras.values()):
-            raise _NotMemoisable
-    return _NodeTemplate(op, attrs, paths, body, inputs, tuple(data["types"]), data["span"], data["name"], gate,
-                         extras)
-
-
-class _GraphTemplate:
-    """A whole graph a recorded call made (a scan's body), relative to the call's path."""
-
-    def __init__(self, graph: Graph, base: str):
-        if graph.order() != list(range(graph._next)):  # elaboration never removes a node: ids 0, 1, ...
-            raise _NotMemoisable
-        self.name = graph.name
-        self.nodes = [_node_template(graph.node(n), 0, {}, base) for n in range(graph._next)]
-        self.params = [_param_template(p, base) for p in graph.params]
-        self.modules = [_module_template(m, base) for m in graph.modules]
-        self.inputs, self.outputs = list(graph.inputs), list(graph.outputs)
-        self.aux = [(_relative(name, base), port) for name, port in graph.aux]
-
-    def param_ids(self) -> set[int]:
-        ids = {t[0] for t in self.params}
-        for node in self.nodes:
-            ids |= node.param_ids()
-        return ids
-
-    def build(self, base: str, specs: dict[int, ParamSpec]) -> Graph:
-        graph = Graph(self.name)
-        _add_nodes(graph, self.nodes, 0, (), base, specs)
-        graph.params = [_new_param(t, base, specs) for t in self.params]
-        graph.modules = [ModuleSpec(base + rel, kind, dict(args)) for rel, kind, args in self.modules]
-        graph.inputs, graph.outputs = list(self.inputs), list(self.outputs)
-        graph.aux = [(base + rel, port) for rel, port in self.aux]
-        return graph
-
-
-class _Template:
-    """What a call added, relative to its instance path; `replay` adds it again at another one."""
-
-    def __init__(self, *, ticks, numel, nodes, params, modules, aux, declared, shapes, used_names, result):
-        self.ticks, self.numel, self.nodes = ticks, numel, nodes
-        self.params, self.modules, self.aux, self.declared = params, modules, aux, declared
-        self.shapes, self.used_names, self.result = shapes, used_names, result
-
-    def replay(self, el: Elaborator, path: str, ports: list[Port]) -> tuple[Any] | object:
-        """Add the call at instance `path` of the current frame, reading its tensor arguments at `ports`: (the
-        call's value,), or _OVER_LIMIT where elaborating it would stop at a limit (the counts only grow)."""
-        if el.budget + self.ticks > el.limits.max_nodes or el.param_total + self.numel > el.limits.max_params:
-            return _OVER_LIMIT
-        graph, base = el.frame.graph, path[:-1]
-        start = graph._next
-        specs: dict[int, ParamSpec] = {}
-        _add_nodes(graph, self.nodes, start, ports, base, specs)
-        graph.params.extend(_new_param(t, base, specs) for t in self.params)
-        graph.modules.extend(ModuleSpec(base + rel, kind, dict(args)) for rel, kind, args in self.modules)
-        el.stack[0].graph.aux.extend((base + rel, _port(ref, start, ports)) for rel, ref in self.aux)
-        el.budget += self.ticks
-        el.param_total += self.numel
-        el.declared_params.extend(specs[i] for i in self.declared)
-        shapes, used_names = el.shapes, el.used_names
-        for rel, ttype in zip(*self.shapes):
-            shapes[base + rel] = ttype
-        for rel, names in self.used_names:
-            used_names[base + rel] = set(names)
-        return (_unpack(self.result, start, ports),)
-
-
-def _port(ref: tuple[bool, int, int], start: int, ports: list[Port] | tuple) -> Port:
-    made, n, i = ref
-    return (start + n, i) if made else ports[n]
-
-
-def _add_nodes(graph: Graph, nodes: list[_NodeTemplate], start: int, ports: list[Port] | tuple, base: str,
-               specs: dict[int, ParamSpec]) -> None:
-    for t in nodes:
-        attrs = t.attrs
-        if t.paths is not None or t.body is not None:
-            cls, fields = attrs
-            fields = {**fields, **{k: None if rel is None else base + rel for k, rel in (t.paths or {}).items()}}
-            if t.body is not None:
-                fields["body"] = t.body.build(base, specs)
-            attrs = cls(**fields)  # validated anew: as fast as a pydantic model_copy
-        gate = None if t.gate is None else GateMark(kind=t.gate[0], name=base + t.gate[1], line=t.gate[2],
-                                                    file=t.gate[3])
-        inputs = [(start + n, i) if made else ports[n] for made, n, i in t.inputs]
-        node = graph.add(t.op, attrs, inputs, t.types, t.span, t.name, gate)
-        if t.extras:
-            data = graph.node(node)
-            for k, v in t.extras.items():
-                data[k] = dict(v) if isinstance(v, dict) else v
-
-
-def _param_template(p: ParamSpec, base: str) -> tuple:
-    return id(p), _relative(p.path, base), p.shape, p.init, p.span, _relative(p.block, base)
-
-
-def _new_param(t: tuple, base: str, specs: dict[int, ParamSpec]) -> ParamSpec:
-    old, rel, shape, init, span, block = t
-    spec = specs[old] = ParamSpec(base + rel, shape, init, span, base + block)
-    return spec
-
-
-def _module_template(m: ModuleSpec, base: str) -> tuple:
-    if any(_mentions(v, base) for v in m.args.values()):
-        raise _NotMemoisable
-    return _relative(m.path, base), m.kind, dict(m.args)
-
-
-def _relative(name: str, base: str) -> str:
-    """`name`, the call's path `base` or a path under it, without that prefix."""
-    if name.startswith(base) and (len(name) == len(base) or name[len(base)] == "."):
-        return name[len(base):]
-    raise _NotMemoisable
-
-
-def _mentions(value: Any, base: str) -> bool:
-    kind = type(value)
-    if kind is str:
-        return value.startswith(base) and (len(value) == len(base) or value[len(base)] == ".")
-    if kind is tuple or kind is list:
-        return any(_mentions(v, base) for v in value)
-    return False
-
-
-def _tail(d: dict, n: int) -> list[tuple[Any, Any]]:
-    """The last n items of a dict, in insertion order."""
-    return list(itertools.islice(reversed(d.items()), n))[::-1]
-
-
-def _pack(value: Any, ref: Callable[[Port], tuple]) -> Any:
-    if type(value) is Tensor:
-        return Tensor, ref(value.port), value.type, value.origin, value.label
-    if isinstance(value, (list, tuple)):
-        return type(value), [_pack(v, ref) for v in value]
-    if isinstance(value, (int, float, str, Sym, TensorType, Builtin, ast.Definition)) or value is None:
-        return None, value
-    raise _NotMemoisable
-
-
-def _unpack(packed: tuple, start: int, ports: list[Port]) -> Any:
-    kind = packed[0]
-    if kind is Tensor:
-        _, ref, ttype, origin, label = packed
-        return Tensor(_port(ref, start, ports), ttype, origin, label)
-    if kind is None:
-        return packed[1]
-    return kind([_unpack(v, start, ports) for v in packed[1]])
 
 
 def elaborate(unit: ModelIR, memo: CallMemo | None = None) -> ModelIR:
