@@ -151,9 +151,14 @@ def test_export_best_never_overwrites_when_nothing_completes(spec, objectives, c
     (["--objective", "OBJ:score", "--trials", 2, "--storage", "sqlite:///"], "must name a SQLite file"),
     (["--objective", "OBJ:score", "--trials", 2, "--study", ""], "a study name is 1 to 512 printable characters"),
     (["--objective", "OBJ:score", "--trials", 2, "--study", "a\nb"], "a study name is 1 to 512 printable"),
-    (["--objective", "OBJ:score", "--trials", 2, "-d", "B=-5"], "the size of B must be a positive integer, got -5"),
-    (["--objective", "OBJ:score", "--trials", 2, "-d", "t=64"], "model Net has no size named t; its sizes are B, T"),
-    (["--objective", "OBJ:score", "--trials", 2, "-d", "B=x"], "-d B= needs an integer size"),
+    (["--objective", "OBJ:score", "--trials", 2, "-d", "B=-5"], "-d B=-5: a size must be a positive integer"),
+    (["--objective", "OBJ:score", "--trials", 2, "-d", "t=64"],
+     "-d t=64: model Net has no symbolic size 't'; its sizes are: B, T"),
+    (["--objective", "OBJ:score", "--trials", 2, "-d", "B=x"], "-d B=x: a size must be a positive integer"),
+    # -p and the spec file as check and compile take them
+    (["--objective", "OBJ:score", "--trials", 2, "-p", "colour=red"],
+     "-p colour=red: model Net has no parameter 'colour'; its parameters are:"),
+    (["--objective", "OBJ:score", "--trials", 2, "--max-file-size", 0], "needs a positive integer"),
     (["--objective", "OBJ:score", "--trials", 2, "-O", 5], "invalid choice"),
 ])
 def test_usage_errors_exit_2(spec, objectives, capsys, args, message):

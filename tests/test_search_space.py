@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gatedsl
+import gatedsl.errors
 from gatedsl.search import Space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -482,3 +483,30 @@ def test_the_search_engine_is_exported_lazily():
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gatedsl.search.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("odd", ["\f", "\v", "\x85", "\u2028", "\x1c"])
+def test_bind_edits_where_the_parser_counted_with_a_bom_and_odd_line_breaks(tmp_path, odd):
+    # str.splitlines() breaks lines where the lexer does not, and a byte-order mark is not part of the spec:
+    # both once moved every edit of bind() off its parameter.
+    spec = tmp_path / "net.gate"
+    spec.write_text("\ufeff" + f"# a comment{odd}with a break the lexer does not count\n" + spec_with_body(
+        "output y = linear(x, d) * k", "d: int in 2..8 = 4, k = 2"), encoding="utf-8")
+    space = Space(spec, fixed={"k": 3})
+    text = space.bind({"d": 7})
+    assert "model M(d: int in 2..8 = 7, k = 3) {" in text
+    assert not text.startswith("\ufeff") and odd in text
+    assert space.dna_of(text) == {"d": 7}
+
+
+def test_fixing_a_parameter_the_model_lacks_is_an_override_error_listing_its_parameters():
+    with pytest.raises(gatedsl.errors.OverrideError) as caught:
+        Space(spec_with_body("output y = linear(x, d)", "d: int in 2..8 = 4"), fixed={"colour": "red"})
+    assert caught.value.reason == "model M has no parameter 'colour'; its parameters are: d"
+
+
+def test_a_spec_over_the_file_size_limit_is_refused_before_the_search(tmp_path):
+    spec = tmp_path / "net.gate"
+    spec.write_text(spec_with_body("output y = linear(x, d)", "d: int in 2..8 = 4"))
+    with pytest.raises(gatedsl.errors.LimitError, match="the limit for a spec file"):
+        Space(spec, max_file_size=16)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gatedsl.cli.options import positive_int
+
 if TYPE_CHECKING:  # the parser is built for every command; optuna and torch load only when a search runs
     from gatedsl.search.engine import SearchResult
 
@@ -41,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="screen out candidates with more learned elements than this")
     p.add_argument("--max-flops", type=int, default=None, metavar="N",
                    help="screen out candidates with more FLOPs than this (with the -d sizes)")
+    p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
+                   help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per candidate (the task's default)")
     p.add_argument("--task-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the task, e.g. batch=16 or window=24 (repeatable)")
@@ -56,10 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatedsl.cli.options import EXIT_OK, EXIT_SPEC, UsageError, dims, pairs
+    from gatedsl.cli.options import EXIT_OK, EXIT_SPEC, UsageError, dims, pairs, spec_file
 
-    if not Path(args.spec).is_file():
-        raise UsageError(f"no such file: {args.spec}")
+    spec_file(args.spec)
     if args.export_best and Path(args.export_best).suffix != ".gate":
         raise UsageError(f"--export-best writes a spec: give a path ending in .gate, got {args.export_best}")
     if args.plot and Path(args.plot).suffix != ".png":
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                               objectives=objectives, seed=args.seed, model=args.model,
                               fixed=pairs(args.param, "-p"), dims=dims(args.dim), max_params=args.max_params,
                               max_flops=args.max_flops, steps=args.steps,
-                              task_options=pairs(args.task_option, "--task-option"), opt_level=args.opt_level)
+                              task_options=pairs(args.task_option, "--task-option"), opt_level=args.opt_level,
+                              max_file_size=args.max_file_size)
     except SearchError as error:
         raise UsageError(str(error)) from None
     plot = args.plot or (f"{plan.study}-pareto.png" if len(plan.objectives) > 1 else None)

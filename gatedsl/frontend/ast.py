@@ -234,3 +234,4 @@ class Module(Node):
     file: str
     imports: list[Import]
     definitions: list[Definition]
+    text: str = field(default="", repr=False, compare=False)  # as parsed: what spans' lines and columns count in

@@ -17,7 +17,7 @@ from gatedsl.resources import stdlib_dir
 class Program:
     main: ast.Module
     definitions: dict[str, ast.Definition] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
+    modules: list[ast.Module] = field(default_factory=list)  # every file read, the main one first
 
 
 MAX_FILE_SIZE = 4 * 2**20  # bytes in one spec file (specs are kilobytes): larger ones are refused before reading
@@ -98,7 +98,7 @@ class _Loader:
 
     def add(self, module: ast.Module, stack: list[str]) -> None:
         self.loaded.add(stack[-1])
-        self.program.files.append(module.file)
+        self.program.modules.append(module)
         for imp in module.imports:
             path = resolve_import(imp, module.file)
             key = _key(str(path))

@@ -382,19 +382,19 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
     if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as some editors write one: not part of the spec
         text = text[1:]
     SourceCache.put(file, text)
-    if not text.endswith("\n"):
-        text += "\n"
     try:
-        tree = _parser().parse(text)
+        tree = _parser().parse(text if text.endswith("\n") else text + "\n")
     except UnexpectedInput as err:
         raise _parse_error(err, file) from None
     _check_nesting(tree, file)
     try:
-        return _ToAst(file).transform(tree)
+        module = _ToAst(file).transform(tree)
     except VisitError as err:  # a transformer method raised: report the original
         if isinstance(err.orig_exc, SpecError):
             raise err.orig_exc from None
         raise
+    module.text = text
+    return module
 
 
 def _parse_error(err: UnexpectedInput, file: str) -> ParseError:

@@ -147,6 +147,7 @@ class SearchPlan(BaseModel):
     dims: dict[str, int]
     max_params: int | None
     max_flops: int | None
+    max_file_size: int | None
     task: str | None
     task_options: dict[str, Any]
     objective_ref: str | None  # "module:function" or "path.py:function", resolved in each process
@@ -164,7 +165,7 @@ class SearchPlan(BaseModel):
 
     def space(self) -> Space:
         return Space(self.spec, model=self.model, fixed=self.fixed, dims=self.dims, max_params=self.max_params,
-                     max_flops=self.max_flops)
+                     max_flops=self.max_flops, max_file_size=self.max_file_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,7 +177,8 @@ def search(spec: str | Path, *, task: str | None = None, objective: str | Callab
            objectives: tuple[str, ...] = ("metric",), seed: int = 0, model: str | None = None,
            fixed: dict[str, Any] | None = None, dims: dict[str, int] | None = None, max_params: int | None = None,
            max_flops: int | None = None, steps: int | None = None, task_options: dict[str, Any] | None = None,
-           opt_level: int = 2, progress: Callable[[Tally, int], None] | None = None) -> SearchResult:
+           opt_level: int = 2, max_file_size: int | None = None,
+           progress: Callable[[Tally, int], None] | None = None) -> SearchResult:
     """Search `spec`'s space until the study holds `trials` distinct candidates (a resumed study only runs the rest).
 
     `task` names a built-in task (`gatedsl.search.tasks`); `objective` is a callable (or "module:function")
@@ -191,7 +193,7 @@ def search(spec: str | Path, *, task: str | None = None, objective: str | Callab
         spec, task=task, objective=objective, trials=trials, sampler=sampler, storage=storage, study=study,
         workers=workers, objectives=objectives, seed=seed, model=model, fixed=fixed, dims=dims,
         max_params=max_params, max_flops=max_flops, steps=steps, task_options=task_options,
-        opt_level=opt_level), progress=progress)
+        opt_level=opt_level, max_file_size=max_file_size), progress=progress)
 
 
 def run_search(plan: SearchPlan, *, progress: Callable[[Tally, int], None] | None = None) -> SearchResult:
@@ -281,7 +283,8 @@ def prepare_search(spec: str | Path, *, task: str | None = None, objective: str 
                    workers: int = 1, objectives: tuple[str, ...] = ("metric",), seed: int = 0,
                    model: str | None = None, fixed: dict[str, Any] | None = None, dims: dict[str, int] | None = None,
                    max_params: int | None = None, max_flops: int | None = None, steps: int | None = None,
-                   task_options: dict[str, Any] | None = None, opt_level: int = 2) -> SearchPlan:
+                   task_options: dict[str, Any] | None = None, opt_level: int = 2,
+                   max_file_size: int | None = None) -> SearchPlan:
     """Check every setting of `search` and name the study, touching no storage: a SearchError says what is wrong."""
     if (task is None) == (objective is None):
         raise SearchError("give exactly one of a task (--task) and an objective (--objective module:function)")
@@ -291,12 +294,10 @@ def prepare_search(spec: str | Path, *, task: str | None = None, objective: str 
     _check_int("workers", workers, low=1)
     _check_int("seed", seed)
     _check_int("opt_level", opt_level, low=0, high=2)
-    for name, value, low in (("steps", steps, 0), ("max_params", max_params, 1), ("max_flops", max_flops, 1)):
+    for name, value, low in (("steps", steps, 0), ("max_params", max_params, 1), ("max_flops", max_flops, 1),
+                             ("max_file_size", max_file_size, 1)):
         if value is not None:
             _check_int(name, value, low=low)
-    for name, size in (dims or {}).items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SearchError(f"the size of {name} must be a positive integer, got {size!r}")
     objectives = list(objectives)
     if not objectives or len(set(objectives)) != len(objectives) or not all(objectives):
         raise SearchError(f"objectives must be distinct non-empty names, got {objectives!r}")
@@ -320,7 +321,7 @@ def prepare_search(spec: str | Path, *, task: str | None = None, objective: str 
     if task is not None:
         from gatedsl.api import load, pick_model
 
-        declared = {p.name for p in pick_model(load(spec), model).params}
+        declared = {p.name for p in pick_model(load(spec, max_file_size=max_file_size), model).params}
         task_obj = _task(task, task_options)
         for name, value in task_obj.fixed.items():
             if name not in declared:  # a spec may write the size out instead: the task checks its shapes
@@ -343,7 +344,8 @@ def prepare_search(spec: str | Path, *, task: str | None = None, objective: str 
         raise SearchError(f"objective must be a callable or 'module:function', got {objective!r}")
 
     plan = SearchPlan(spec=str(spec), spec_file=None, model=model, fixed=fixed, dims=dict(dims or {}),
-                      max_params=max_params, max_flops=max_flops, task=task, task_options=task_options,
+                      max_params=max_params, max_flops=max_flops, max_file_size=max_file_size, task=task,
+                      task_options=task_options,
                       objective_ref=objective_ref, objective_fn=objective_fn, objectives=objectives, trials=trials,
                       sampler=sampler, storage=url, study="", workers=workers, seed=seed, steps=steps,
                       opt_level=opt_level, cwd=os.getcwd())
@@ -388,14 +390,10 @@ def _check_model(space: Space, task) -> None:
                      None)
     if candidate is None:
         return
-    from gatedsl.api import analyse, report
+    from gatedsl.api import analyse, check_dims, report
 
     rep = report(analyse(space.program, space.params(candidate), model=space.model.name, opt_level=0))
-    sizes = sorted({d for shape in rep.inputs.values() for d in shape if isinstance(d, str)})
-    unknown = [name for name in space.dims if name not in sizes]
-    if unknown:
-        raise SearchError(f"model {space.model.name} has no size named {', '.join(unknown)}; its sizes are "
-                          f"{', '.join(sizes) or 'none (every input shape is fixed)'}")
+    check_dims(space.dims, list(rep.sizes), space.model.name)  # a SizeError: the CLI's usage error naming -d
     if task is not None:
         try:
             task.check_signature(rep.inputs, rep.input_dtypes, rep.outputs)

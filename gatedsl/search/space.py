@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, PrivateAttr
 
-from gatedsl.api import load, pick_model
-from gatedsl.errors import NameResolutionError, Note, Span, SpecError, SpecTypeError
+from gatedsl.api import check_dims, load, pick_model
+from gatedsl.errors import NameResolutionError, Note, Span, SpecError, SpecTypeError, source_lines
 from gatedsl.frontend import ast
 from gatedsl.frontend.loader import resolve_import
 from gatedsl.frontend.parser import parse
@@ -42,7 +42,7 @@ from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import Limits, ModelIR
 from gatedsl.ir.values import Builtin
 from gatedsl.passes import OPTIMIZATIONS, PIPELINE, check_budgets, elaborate, verify_graph
-from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame, override_value
+from gatedsl.passes.elaborate import CallMemo, Elaborator, Frame, override_value, unknown_parameter
 
 Value = str | int | float | bool
 
@@ -166,18 +166,16 @@ class Space:
 
     def __init__(self, spec: str | Path, *, model: str | None = None, fixed: dict | None = None,
                  dims: dict[str, int] | None = None, max_params: int | None = None,
-                 max_flops: int | None = None):
-        self.program = load(spec)
+                 max_flops: int | None = None, max_file_size: int | None = None):
+        self.program = load(spec, max_file_size=max_file_size)
         self.model = pick_model(self.program, model)
         main = self.program.main
         if self.model not in main.definitions:
             raise SpecError(f"model {self.model.name} is imported; search a model defined in the spec itself",
                             self.model.span)
-        self.text = spec if main.file == "<string>" else Path(main.file).read_text(encoding="utf-8")
+        self.text = main.text  # as parsed: the text spans count in, which bind() edits
         self.dims = dict(dims or {})
-        for name, size in self.dims.items():
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise ValueError(f"dims: the size of {name} must be a positive int, got {size!r}")
+        check_dims(self.dims, None, self.model.name)
         self.max_params = max_params
         self.max_flops = max_flops
         self.limits = Limits() if max_params is None else Limits(max_params=max_params)
@@ -388,8 +386,7 @@ class Space:
         """A fixed value as the model binds it (text as for `-p`, "false" is false), blocks by name."""
         p = self._params.get(name)
         if p is None:
-            raise NameResolutionError(f"model {self.model.name} has no parameter '{name}' to fix", self.model.span,
-                                      notes=[Note("its parameters are: " + (", ".join(self._params) or "none"))])
+            raise unknown_parameter(self.model, name, value)
         self._frame.env = {}
         bound = override_value(self._el, p, value)
         if isinstance(bound, (ast.Definition, Builtin)):
@@ -568,14 +565,14 @@ class Space:
 
     def _identity(self) -> str:
         """The spec's content: every file's text (not its path), the model, the fixed values."""
-        texts = [self.text] + [Path(f).read_text(encoding="utf-8") for f in self.program.files[1:]]
+        texts = [module.text for module in self.program.modules]
         return _sha256({"files": texts, "model": self.model.name, "fixed": self.fixed})
 
     def _offsets(self, span: Span) -> tuple[int, int]:
         starts = getattr(self, "_line_starts", None)
         if starts is None:
-            starts = self._line_starts = [0] + list(itertools.accumulate(len(line) for line in
-                                                                         self.text.splitlines(keepends=True)))
+            starts = self._line_starts = [0] + list(itertools.accumulate(len(line) + 1 for line in
+                                                                         source_lines(self.text)))
         return starts[span.line - 1] + span.column - 1, starts[span.end_line - 1] + span.end_column - 1
 
 

@@ -21,10 +21,7 @@ def bind_model_parameters(el: Elaborating, model: ast.Definition, overrides: dic
                                 help=f"write `input {p.name}: [...]` in the body")
     for name in overrides:
         if name not in declared:
-            known = ", ".join(declared) or "none"
-            raise OverrideError(f"model {model.name} has no parameter '{name}'; its parameters are: {known}",
-                                model.span, name=name, value=overrides[name], declared=f"model {model.name} is declared here",
-                                reason=f"model {model.name} has no parameter '{name}'; its parameters are: {known}")
+            raise unknown_parameter(model, name, overrides[name])
     env = el.frame.env
     bound: dict[str, Any] = {}
     for p in model.params:
@@ -36,6 +33,14 @@ def bind_model_parameters(el: Elaborating, model: ast.Definition, overrides: dic
                             help=f"give it one, or pass -p {p.name}=VALUE")
         bound[p.name] = env[p.name] = check_value_param(el, p, el.eval(p.default), p.default.span)
     return bound
+
+
+def unknown_parameter(model: ast.Definition, name: str, value: Any) -> OverrideError:
+    """The error for an override naming no parameter of `model`: it lists the ones there are."""
+    known = ", ".join(p.name for p in model.params) or "none"
+    reason = f"model {model.name} has no parameter '{name}'; its parameters are: {known}"
+    return OverrideError(reason, model.span, name=name, value=value, reason=reason,
+                         declared=f"model {model.name} is declared here")
 
 
 def override_value(el: Elaborating, p: ast.Param, value: Any) -> Any:
