@@ -174,7 +174,7 @@ def test_fixed_and_dims_are_checked():
     assert [d.name for d in off.dimensions] == ["layers", "heads"] and off.size == 4
     assert off.hash({"layers": 2}) == Space(FORECASTER, fixed={"attention": False, "d": 64, "cell": "MGU"}).hash(
         {"layers": 2, "heads": 3})
-    with pytest.raises(ValueError, match="size of T"):
+    with pytest.raises(gatedsl.errors.SizeError, match="T=0: a size must be a positive integer"):
         Space(FORECASTER, dims={"T": 0})
 
 
