@@ -83,7 +83,7 @@ _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
-def analyse(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
+def analyse(spec: str | Path | Program, params: dict[str, Any] | None = None, *, model: str | None = None,
             max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
             standalone: bool = False, max_file_size: int | None = None) -> ModelIR:
     """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit.
@@ -153,7 +153,7 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
     )
 
 
-def check(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
+def check(spec: str | Path | Program, params: dict[str, Any] | None = None, *, model: str | None = None,
           max_params: int | None = None, dims: dict[str, int] | None = None,
           opt_level: int = MAX_OPT_LEVEL, target: Target | None = None, max_file_size: int | None = None) -> Report:
     """Validate a spec and report its shapes, parameter count, FLOPs, gates and kernels, allocating no weights."""

@@ -6,13 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gatedsl import __version__
 from gatedsl.cli.options import (EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, pairs,
                                  positive_int, spec_file)
 from gatedsl.errors import OverrideError, SizeError, SpecError
 from gatedsl.fileio import CannotWrite
+
+if TYPE_CHECKING:  # `gatedsl --help` imports nothing of the compiler
+    from gatedsl.frontend.loader import Program
 
 REPORT_URL = "https://github.com/gatedsl/gatedsl/issues"
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args) -> int:
-    from gatedsl.api import check, check_dims
+    from gatedsl.api import check, check_dims, load
 
     params = pairs(args.param, "-p")
     sizes = dims(args.dim)
@@ -120,11 +123,12 @@ def _check(args) -> int:
     for file in args.files:
         path = spec_file(file)
         try:
-            library = _library_summary(path, args.max_file_size) if args.model is None else None
+            program = load(path, max_file_size=args.max_file_size)  # read and parsed once, for both uses
+            library = _library_summary(program) if args.model is None else None
             if library is not None:
                 print(f"{file}: ok: {library}")
                 continue
-            rep = check(path, params, model=args.model, max_params=args.max_params, dims=sizes,
+            rep = check(program, params, model=args.model, max_params=args.max_params, dims=sizes,
                         opt_level=args.opt_level, max_file_size=args.max_file_size)
             check_dims(sizes, list(rep.sizes), rep.model)
         except OverrideError:  # the command line's mistake, not this file's: a usage error
@@ -138,11 +142,8 @@ def _check(args) -> int:
     return EXIT_SPEC if failed else EXIT_OK
 
 
-def _library_summary(path: Path, max_file_size: int | None) -> str | None:
+def _library_summary(program: Program) -> str | None:
     """For a file with no model (a library of blocks and cells): what it defines, once it parses and resolves."""
-    from gatedsl.api import load
-
-    program = load(path, max_file_size=max_file_size)
     if any(d.kind == "model" for d in program.main.definitions):
         return None
     kinds = [d.kind for d in program.main.definitions]
