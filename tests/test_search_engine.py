@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from gatedsl.search.engine import SearchError, load_result, search, tally
+from gatedsl.search.engine import SearchError, load_result, search, storage_url, tally
 from gatedsl.search.space import Space
 
 SPEC = textwrap.dedent("""\
@@ -502,9 +502,9 @@ def test_trials_counts_distinct_candidates_across_workers_and_resumes(spec, obje
 
 
 def test_a_search_stops_when_its_sampler_only_repeats(spec, objectives, tmp_path, monkeypatch):
-    import gatedsl.search.engine as engine
+    import gatedsl.search.workers as workers
 
-    monkeypatch.setattr(engine, "DUPLICATE_STREAK", 2)
+    monkeypatch.setattr(workers, "DUPLICATE_STREAK", 2)
     result = search(spec, objective=f"{objectives}:score", trials=6, sampler="random", storage=str(tmp_path / "s.db"),
                     fixed={"lr": 0.01, "attention": False}, seed=0)
     trials = load(result).get_trials()
@@ -551,17 +551,17 @@ def test_a_study_keeps_its_objectives(spec, objectives, tmp_path):
 
 
 def test_a_dead_machines_trial_is_failed_by_its_heartbeat_and_retried(spec, objectives, tmp_path, monkeypatch):
-    import gatedsl.search.engine as engine
+    import gatedsl.search.storage as search_storage
 
-    monkeypatch.setattr(engine, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(engine, "GRACE_S", 1)
+    monkeypatch.setattr(search_storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(search_storage, "GRACE_S", 1)
     db = str(tmp_path / "s.db")
     first = search(spec, objective=f"{objectives}:score", trials=2, sampler="random", storage=db, study="shared")
     # A worker on another machine took a trial, beat once, and died: no process here can say it is gone.
     lost_dna = {"d": 6, "act": "relu", "attention": False, "lr": 0.01}
     with warnings.catch_warnings():  # Optuna's notes on using its heartbeat by hand, as this test does
         warnings.simplefilter("ignore")
-        storage = engine._open_storage(engine.storage_url(db))
+        storage = search_storage.open_storage(storage_url(db))
         study = optuna.load_study(study_name="shared", storage=storage)
         study.enqueue_trial(lost_dna)
         lost = study.ask()
