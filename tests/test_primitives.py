@@ -1172,6 +1172,12 @@ def test_learned_init_schemes():
     torch.testing.assert_close(w @ w.T, 4 * torch.eye(20, dtype=DT), atol=1e-4, rtol=0)
     w = _init_stats("fan_in_uniform(16)", [400, 300])
     assert w.abs().max() <= 0.25 + 1e-7 and w.abs().max() > 0.245
+    w = _init_stats("log_of_uniform(0.01, 16)", [400, 300])  # log u, u ~ U(0.01, 16)
+    assert w.exp().min() >= 0.01 and w.exp().max() <= 16 and abs(w.exp().mean().item() - 8.005) < 0.05
+    w = _init_stats("inverse_softplus_log_uniform(0.001, 0.1)", [400, 300])  # softplus(w) log-uniform
+    dt = torch.nn.functional.softplus(w).log()
+    assert dt.min() >= math.log(0.001) - 1e-6 and dt.max() <= math.log(0.1) + 1e-6
+    assert abs(dt.mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.01
     w = _init_stats("none", [400, 100])  # the default: U(±1/sqrt(last dim))
     assert w.abs().max() <= 0.1 + 1e-7 and w.abs().max() > 0.098
 
@@ -1187,6 +1193,8 @@ def test_init_errors():
         ("learned([8], init=normal(-1))", "deviation"),
         ("learned([8], init=bogus)", "unknown init"),
         ("learned([8], init=normal(1, 2, 3))", "normal takes"),
+        ("learned([8], init=log_of_uniform(-1, 16))", "log_of_uniform(a, b) needs 0 <= a <= b"),
+        ("learned([8], init=inverse_softplus_log_uniform(0, 0.1))", "needs 0 < low <= high"),
     ]
     for expr, message in bad:
         with pytest.raises(SpecError, match=re.escape(message)):

@@ -114,6 +114,10 @@ def init_tensor(tensor: torch.Tensor, spec: InitSpec) -> None:
                 init.orthogonal_(tensor, gain=a[0] if a else 1.0)
             case "fan_in_uniform":
                 runtime.fan_in_uniform_(tensor, a[0])
+            case "log_of_uniform":
+                tensor.uniform_(a[0], a[1]).log_()
+            case "inverse_softplus_log_uniform":
+                runtime.inverse_softplus_log_uniform_(tensor, a[0], a[1], a[2])
             case _:
                 raise AssertionError(f"unknown init {spec.kind}")
 

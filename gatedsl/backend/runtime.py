@@ -259,6 +259,15 @@ def fan_in_uniform_(tensor, fan_in):
         return tensor.uniform_(-bound, bound)
 
 
+def inverse_softplus_log_uniform_(tensor, low, high, floor):
+    """Mamba's Δ bias (also fla's and transformers'): softplus⁻¹(Δ₀), Δ₀ = max(exp(U(log low, log high)), floor),
+    drawn as they draw it (torch.rand, then the same arithmetic), so one seed gives the same values."""
+    with torch.no_grad():
+        u = torch.rand(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        dt = torch.exp(u * (math.log(high) - math.log(low)) + math.log(low)).clamp(min=floor)
+        return tensor.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
 class Noise(torch.nn.Module):
     """`noise_like(x)`: standard normal noise of x's shape, dtype and device in training, zeros in eval."""
 

@@ -136,7 +136,8 @@ def _convert(el: Elaborating, arg: Arg, node: ast.Expr, fname: str) -> Any:
 INIT_ARITY = {
     "zeros": (0, 0), "ones": (0, 0), "constant": (1, 1), "normal": (1, 2), "uniform": (2, 2),
     "trunc_normal": (1, 1), "xavier_uniform": (0, 1), "xavier_normal": (0, 1), "kaiming_uniform": (0, 1),
-    "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1),
+    "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1), "log_of_uniform": (2, 2),
+    "inverse_softplus_log_uniform": (2, 3),
 }
 
 
@@ -170,6 +171,15 @@ def parse_init(el: Elaborating, node: ast.Expr) -> InitSpec | None:
         raise SpecTypeError("trunc_normal needs a positive standard deviation", node.span)
     if kind == "uniform" and args[0] > args[1]:
         raise SpecTypeError(f"uniform(a, b) needs a <= b, got uniform({args[0]:g}, {args[1]:g})", node.span)
+    if kind == "log_of_uniform" and not 0 <= args[0] <= args[1]:
+        raise SpecTypeError(f"log_of_uniform(a, b) needs 0 <= a <= b, got log_of_uniform({args[0]:g}, {args[1]:g})",
+                            node.span)
+    if kind == "inverse_softplus_log_uniform":
+        if len(args) == 2:
+            args.append(1e-4)  # the floor on Δ₀ of Mamba, fla and transformers
+        if not 0 < args[0] <= args[1] or args[2] < 0:
+            raise SpecTypeError("inverse_softplus_log_uniform(low, high, floor) needs 0 < low <= high and floor >= 0",
+                                node.span)
     return InitSpec(kind=kind, args=tuple(args))
 
 
