@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
 
 from gatedsl.backend import runtime
