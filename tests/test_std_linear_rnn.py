@@ -310,9 +310,10 @@ def test_gla_with_other_key_dim_rank_and_tau():
 
 def gated_deltanet_reference(x, W, heads, head_dim=None, v_heads=None, v_head_dim=None, norm_eps=1e-5, gate=True,
                              conv_bias=False, p="GatedDeltaNet"):
-    """Gated DeltaNet as fla's layer: q, k, v = SiLU(causal conv(x W)), q ← q/‖q‖·dk^−½, k ← k/‖k‖; each key head
-    serving v_heads/heads consecutive value heads; α_t = exp(−exp(A_log) softplus(x w_α + dt_bias)), β_t = σ(x w_β);
-    S_t = α_t S_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t; y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
+    """Gated DeltaNet as fla's layer: q, k, v = SiLU(causal conv(x W)), q ← q/‖q‖·dk^−½, k ← k/‖k‖; each key
+    head serving v_heads/heads consecutive value heads; α_t = exp(−exp(A_log) softplus(x w_α + dt_bias)),
+    β_t = σ(x w_β); S_t = α_t S_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t;
+    y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
     batch, time, d = x.shape
     head_dim = head_dim or math.ceil(3 * d / (4 * heads))
     v_heads, v_head_dim = v_heads or heads, v_head_dim or 2 * head_dim
@@ -517,7 +518,8 @@ def test_gla_parameter_count(d, heads, key_dim, rank):
     assert _count(f"GLA(x, heads={heads}, key_dim={key_dim}, rank={rank})", d) == expected
 
 
-@pytest.mark.parametrize("d, heads, v_heads, dk, dv, conv", [(8, 2, 2, 3, 6, 4), (12, 3, 6, 2, 5, 2), (6, 1, 1, 4, 4, 1)])
+@pytest.mark.parametrize("d, heads, v_heads, dk, dv, conv",
+                         [(8, 2, 2, 3, 6, 4), (12, 3, 6, 2, 5, 2), (6, 1, 1, 4, 4, 1)])
 def test_gated_deltanet_parameter_count(d, heads, v_heads, dk, dv, conv):
     # W_q, W_k (D x heads·dk), W_v (D x v_heads·dv) with their convolutions (channels x kernel, no bias);
     # A_log, dt_bias, w_α, w_β (v_heads, v_heads, D x v_heads each); RMSNorm (dv); W_g and W_O (D x v_heads·dv)

@@ -260,7 +260,7 @@ def fan_in_uniform_(tensor, fan_in):
 
 
 def inverse_softplus_log_uniform_(tensor, low, high, floor):
-    """Mamba's Δ bias (also fla's and transformers'): softplus⁻¹(Δ₀), Δ₀ = max(exp(U(log low, log high)), floor),
+    """Mamba's Δ bias (fla's and transformers' too): softplus⁻¹(Δ₀), Δ₀ = max(exp(U(log low, log high)), floor),
     drawn as they draw it (torch.rand, then the same arithmetic), so one seed gives the same values."""
     with torch.no_grad():
         u = torch.rand(tensor.shape, dtype=tensor.dtype, device=tensor.device)
