@@ -30,13 +30,13 @@ def mamba_from_transformers(dt_rank: int, state_size: int, *, bias: bool = False
 def mamba_lm_from_transformers(layers: int, dt_rank: int, state_size: int, *, bias: bool = False,
                                conv_bias: bool = True, tied: bool = True) -> Mapping:
     """A `MambaForCausalLM` and specs/zoo/mamba.gate: the embeddings (and, tied, the head) are our table E, each
-    `backbone.layers.i` its norm and a Mamba block, then norm_f; untied, lm_head is our `head`."""
+    `backbone.layers.i` its norm and a Mamba block, then norm_f; untied, lm_head is our own."""
     mapping = Mapping([rename("backbone.norm_f.weight", "norm_f.norm.weight")])
     if tied:
         mapping += Mapping([transform(["backbone.embeddings.weight", "lm_head.weight"], "E", _one_table,
                                       lambda ours: [ours[0], ours[0]], "tied embedding and head")])
     else:
-        mapping += Mapping([rename("backbone.embeddings.weight", "E"), rename("lm_head.weight", "head.proj.weight")])
+        mapping += Mapping([rename("backbone.embeddings.weight", "E"), rename("lm_head.weight", "lm_head.norm_f_proj.weight")])
     block = mamba_from_transformers(dt_rank, state_size, bias=bias, conv_bias=conv_bias)
     for i in range(layers):
         mapping += Mapping([rename(f"backbone.layers.{i}.norm.weight", f"layers.{i}.h.norm.weight")])
@@ -48,5 +48,5 @@ def _one_table(tensors):
     embeddings, head = tensors
     if not (embeddings is head or embeddings.equal(head)):
         raise MappingError("lm_head.weight differs from backbone.embeddings.weight: the checkpoint is not tied "
-                           "(compile the spec with tie=false)")
+                           "(compile the spec with tie_word_embeddings=false)")
     return [embeddings]
