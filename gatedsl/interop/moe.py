@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gatedsl.interop.mapping import Mapping, Rule, rename, transform
+from gatedsl.interop.mlp import swiglu_from_llama
 
 
 def mixtral_moe_from_transformers(experts: int, *, fused: bool = True) -> Mapping:
@@ -21,11 +22,8 @@ def qwen3_next_moe_from_transformers(experts: int) -> Mapping:
     return Mapping([
         rename("gate.weight", "router.x_proj.weight"),
         *_routed_experts(experts, fused=True),
-        rename("shared_expert.gate_proj.weight", "shared_expert.g.x_proj.weight"),
-        rename("shared_expert.up_proj.weight", "shared_expert.v.x_proj.weight"),
-        rename("shared_expert.down_proj.weight", "shared_expert.y.proj.weight"),
         rename("shared_expert_gate.weight", "shared_expert_gate.x_proj.weight"),
-    ])
+    ]) + swiglu_from_llama().under("shared_expert", "shared_expert")
 
 
 def _routed_experts(experts: int, fused: bool) -> list[Rule]:
