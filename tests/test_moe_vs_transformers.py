@@ -120,8 +120,12 @@ def compiled(call: str, opt_level: int, mapping, ref):
 
 
 # ------------------------------------------------------------------ Mixtral
-@pytest.mark.parametrize("experts, k", [(4, 2), (3, 1), (4, 4)])
-@pytest.mark.parametrize("opt_level, routing", [(0, None), (2, "dense"), (2, "sorted")])
+# -O0, and -O2 with each expert on its own tokens (sorted) or on all of them (dense).
+LEVELS = [(0, None), (2, "sorted")]
+
+
+@pytest.mark.parametrize("experts, k, opt_level, routing", [(4, 2, 2, "dense")] + [
+    (experts, k, *level) for experts, k in [(4, 2), (3, 1), (4, 4)] for level in LEVELS])
 def test_mixtral_moe_equals_transformers(experts, k, opt_level, routing, kernel):
     if routing:
         kernel(routing)
@@ -156,8 +160,8 @@ def test_a_checkpoint_with_other_sizes_is_refused_by_name():
 
 
 # --------------------------------------------------------------- Qwen3-Next
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-@pytest.mark.parametrize("opt_level, routing", [(0, None), (2, "dense"), (2, "sorted")])
+@pytest.mark.parametrize("norm_topk_prob, opt_level, routing", [(True, 2, "dense")] + [
+    (norm, *level) for norm in (True, False) for level in LEVELS])
 def test_qwen3_next_moe_equals_transformers(norm_topk_prob, opt_level, routing, kernel):
     if routing:
         kernel(routing)
