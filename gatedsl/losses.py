@@ -1,4 +1,4 @@
-"""Auxiliary losses computed from a compiled model's recorded values (`model.aux`), as the field's trainers compute them."""
+"""Auxiliary losses computed from a compiled model's recorded values (`model.aux`), as the field's trainers do."""
 
 from __future__ import annotations
 

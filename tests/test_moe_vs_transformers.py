@@ -201,7 +201,8 @@ def test_moe_initialisation_matches_transformers(which):
         cfg = MixtralConfig(vocab_size=11, hidden_size=32, intermediate_size=hidden, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts)
         ref = MixtralForCausalLM(cfg).model.layers[0].mlp
-        call, mapping = f"MixtralMoE(x, experts={experts}, k=2, hidden={hidden})", mixtral_moe_from_transformers(experts)
+        call = f"MixtralMoE(x, experts={experts}, k=2, hidden={hidden})"
+        mapping = mixtral_moe_from_transformers(experts)
     else:
         cfg = Qwen3NextConfig(vocab_size=11, hidden_size=32, intermediate_size=6, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=experts,

@@ -1,4 +1,4 @@
-"""Mappings between transformers' Mamba (models/mamba/modeling_mamba.py) and std.linear_rnn's Mamba / specs/zoo/mamba.gate."""
+"""Mappings between transformers' Mamba (models/mamba/modeling_mamba.py) and std.linear_rnn's Mamba, zoo/mamba.gate."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def mamba_lm_from_transformers(layers: int, dt_rank: int, state_size: int, *, bi
         mapping += Mapping([transform(["backbone.embeddings.weight", "lm_head.weight"], "E", _one_table,
                                       lambda ours: [ours[0], ours[0]], "tied embedding and head")])
     else:
-        mapping += Mapping([rename("backbone.embeddings.weight", "E"), rename("lm_head.weight", "lm_head.norm_f_proj.weight")])
+        mapping += Mapping([rename("backbone.embeddings.weight", "E"),
+                            rename("lm_head.weight", "lm_head.norm_f_proj.weight")])
     block = mamba_from_transformers(dt_rank, state_size, bias=bias, conv_bias=conv_bias)
     for i in range(layers):
         mapping += Mapping([rename(f"backbone.layers.{i}.norm.weight", f"layers.{i}.h.norm.weight")])
