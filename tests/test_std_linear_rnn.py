@@ -391,7 +391,7 @@ def test_hgrn_stack_lower_bounds_start_at_zero_and_rise():
 
 
 def mamba_reference(x, W, state_size, conv, p="Mamba"):
-    """Mamba (Gu & Dao 2023) with Mamba's own A_log = (the spec's A_log) + log n:
+    """Mamba (Gu & Dao 2023), A_log stored as MambaMixer stores it:
     u = SiLU(conv(x W_u)), z = x W_z, Δ = softplus(u W¹ W² + b), B = u W_B, C = u W_C, A = −exp(A_log);
     h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t, y_t = C_t h_t + D u_t; out = (y ⊙ SiLU(z)) W_out."""
     batch, time, _ = x.shape
@@ -400,8 +400,7 @@ def mamba_reference(x, W, state_size, conv, p="Mamba"):
     z = lin(x, W, f"{p}.z.x_proj", False)
     dt = F.softplus(lin(lin(u, W, f"{p}.dt.u_proj", False), W, f"{p}.dt.proj", True))      # [B, T, E]
     B, C = lin(u, W, f"{p}.B_t.u_proj", False), lin(u, W, f"{p}.C_t.u_proj", False)          # [B, T, N]
-    A_log = W[f"{p}.A_log"] + torch.log(torch.arange(1, state_size + 1, dtype=DT))          # Mamba's A_log
-    A = -torch.exp(A_log)                                                                    # [E, N]
+    A = -torch.exp(W[f"{p}.A_log"])                                                          # [E, N]
     h = torch.zeros(batch, u.shape[-1], state_size, dtype=DT)
     ys = []
     for t in range(time):
@@ -422,15 +421,15 @@ def test_mamba_equals_its_equation(batch, time, d, state_size, expand, conv):
 
 
 def test_mamba_initialisation():
-    """At init: the S4D-real A_n = −n, D = 1, and Δ = softplus(b) with b in [log 0.001, log 0.1]."""
+    """At init: the S4D-real A_n = −n, D = 1, and Δ = softplus(b) in [0.001, 0.1] (tests/test_mamba_vs_transformers.py
+    compares every parameter's init with MambaMixer's)."""
     n, d, expand = 5, 4, 2
     model = gatedsl.compile(wrapper(f"Mamba(x, state_size={n}, expand={expand})", f"  input x: [B, T, {d}]"))
-    A_log = model.get_parameter("Mamba.A_log")
-    A = -torch.exp(A_log + torch.log(torch.arange(1, n + 1, dtype=torch.float32)))   # Mamba's A
+    A = -torch.exp(model.get_parameter("Mamba.A_log"))
     torch.testing.assert_close(A, -torch.arange(1, n + 1, dtype=torch.float32).expand(expand * d, n))
     assert torch.equal(model.get_parameter("Mamba.D_skip"), torch.ones(expand * d))
-    bias = model.get_parameter("Mamba.dt.proj.bias")
-    assert bias.min() >= math.log(0.001) and bias.max() <= math.log(0.1)
+    dt = F.softplus(model.get_parameter("Mamba.dt.proj.bias"))
+    assert dt.min() >= 0.001 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
 
 
 def gam_reference(x, W, p="GatedAssociativeMemory"):

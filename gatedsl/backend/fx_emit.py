@@ -114,6 +114,10 @@ def init_tensor(tensor: torch.Tensor, spec: InitSpec) -> None:
                 init.orthogonal_(tensor, gain=a[0] if a else 1.0)
             case "fan_in_uniform":
                 runtime.fan_in_uniform_(tensor, a[0])
+            case "s4d_real":
+                runtime.s4d_real_(tensor)
+            case "dt_bias":
+                runtime.dt_bias_(tensor, a[0], a[1], a[2])
             case _:
                 raise AssertionError(f"unknown init {spec.kind}")
 
@@ -522,6 +526,11 @@ def _attention(em, data, args):
 @lowering("embedding")
 def _embedding(em, data, args):
     return em.call(F.embedding, (args[0], em.get_attr(data["attrs"].weight)), name=data["name"])
+
+
+@lowering("take")
+def _take(em, data, args):
+    return em.call(F.embedding, (args[1], args[0]), name=data["name"])
 
 
 @lowering("one_hot")

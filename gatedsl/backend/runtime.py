@@ -259,6 +259,22 @@ def fan_in_uniform_(tensor, fan_in):
         return tensor.uniform_(-bound, bound)
 
 
+def s4d_real_(tensor):
+    """log n along the last dim (n = 1..N), the S4D-real A_n = −n stored as Mamba's A_log = log(−A)."""
+    with torch.no_grad():
+        n = torch.arange(1, tensor.shape[-1] + 1, dtype=tensor.dtype, device=tensor.device)
+        return tensor.copy_(torch.log(n).expand_as(tensor))
+
+
+def dt_bias_(tensor, dt_min, dt_max, floor):
+    """softplus⁻¹(Δ₀), Δ₀ log-uniform in [dt_min, dt_max] and at least `floor`: Mamba's bias of Δ, so that
+    softplus(bias) starts at Δ₀ (as mamba_ssm and transformers' MambaMixer draw it)."""
+    with torch.no_grad():
+        log_dt = torch.rand_like(tensor) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=floor)
+        return tensor.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(y) = y + log(1 − e^{−y})
+
+
 class Noise(torch.nn.Module):
     """`noise_like(x)`: standard normal noise of x's shape, dtype and device in training, zeros in eval."""
 

@@ -137,6 +137,7 @@ INIT_ARITY = {
     "zeros": (0, 0), "ones": (0, 0), "constant": (1, 1), "normal": (1, 2), "uniform": (2, 2),
     "trunc_normal": (1, 1), "xavier_uniform": (0, 1), "xavier_normal": (0, 1), "kaiming_uniform": (0, 1),
     "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1),
+    "s4d_real": (0, 0), "dt_bias": (2, 3),
 }
 
 
@@ -168,6 +169,10 @@ def parse_init(el: Elaborating, node: ast.Expr) -> InitSpec | None:
         raise SpecTypeError("a standard deviation cannot be negative", node.span)
     if kind == "trunc_normal" and args[-1] <= 0:
         raise SpecTypeError("trunc_normal needs a positive standard deviation", node.span)
+    if kind == "dt_bias" and not (0 < args[0] <= args[1] and (len(args) == 2 or args[2] >= 0)):
+        raise SpecTypeError("dt_bias(dt_min, dt_max, floor) needs 0 < dt_min <= dt_max and floor >= 0", node.span)
+    if kind == "dt_bias" and len(args) == 2:
+        args.append(1e-4)  # Mamba's dt_init_floor
     if kind == "uniform" and args[0] > args[1]:
         raise SpecTypeError(f"uniform(a, b) needs a <= b, got uniform({args[0]:g}, {args[1]:g})", node.span)
     return InitSpec(kind=kind, args=tuple(args))
@@ -179,6 +184,9 @@ def _check_init(init: InitSpec | None, shape: tuple[int, ...], span: Span) -> No
                                           "orthogonal") and len(shape) < 2:
         raise SpecTypeError(f"init {init.kind} needs a tensor of at least 2 dims, and this one is {list(shape)}",
                             span, help="use normal(std), uniform(a, b), zeros, ... for a vector")
+    if init is not None and init.kind == "s4d_real" and not shape:
+        raise SpecTypeError("init s4d_real fills the last dim with log 1, log 2, ...: it needs a tensor, not a scalar",
+                            span)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -694,6 +702,13 @@ def _embedding(el, call, a):
     init = a["init"][0] or InitSpec(kind="normal", args=(0.0, 1.0))  # torch.nn.Embedding's default
     return el.add("embedding", {"num": a["num"][0], "dim": a["dim"][0], "weight": path + ".weight",
                                 "init": init}, [a["index"][0]], call.span, label=_label(el, path), params_at=path)[0]
+
+
+@builtin("take", Arg("table", "tensor"), Arg("index", "tensor"))
+def _take(el, call, a):
+    """Rows of a [N, D] table at int indices [*]: [*, D], an embedding read from a table the spec holds (so that
+    the same `learned` table can also be the output head: `h @ transpose(E)`, tied weights)."""
+    return el.add("take", {}, [a["table"][0], a["index"][0]], call.span)[0]
 
 
 @builtin("one_hot", Arg("index", "tensor"), Arg("num", "int"))

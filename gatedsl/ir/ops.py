@@ -860,6 +860,20 @@ def _embedding(a, ins):
     return [TensorType(idx.shape + (a.dim,))]
 
 
+class TakeAttrs(Attrs):
+    pass
+
+
+@op("take", TakeAttrs)
+def _take(a, ins):
+    table, idx = ins
+    if table.rank != 2 or table.dtype != "float":
+        raise ShapeError(f"take reads rows of a float [N, D] table, got {table.dtype} {show_shape(table.shape)}")
+    if idx.dtype != "int":
+        raise ShapeError(f"take takes int indices, got {idx.dtype} {show_shape(idx.shape)}")
+    return [TensorType(idx.shape + (table.shape[1],))]
+
+
 class OneHotAttrs(Attrs):
     num: int = Field(gt=0)
 
