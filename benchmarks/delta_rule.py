@@ -24,7 +24,7 @@ SPEC = """
 import std.linear_rnn
 model M(d: int = 256, heads: int = 4) {
   input x: [B, T, d]
-  output y = GatedDeltaNet(x, heads=heads)
+  output y = GatedDeltaNet(x, heads=heads, head_dim=d // heads, v_head_dim=d // heads)
 }
 """
 

@@ -240,15 +240,22 @@ model M() {
 """
 
 
-def test_std_gated_delta_net_is_chunked_and_equals_the_loop():
-    graph = analyse(GDN_SPEC).graph
+# Qwen3-Next's layout: more value heads than key heads (each key head's q and k repeated for its value heads),
+# key and value head sizes apart, its eps and inits.
+GVA_SPEC = GDN_SPEC.replace("GatedDeltaNet(x, heads=2)", 'GatedDeltaNet(x, heads=2, v_heads=4, head_dim=3, '
+                            'v_head_dim=5, norm_eps=1e-6, init="qwen3_next")')
+
+
+@pytest.mark.parametrize("spec", [GDN_SPEC, GVA_SPEC], ids=["fla", "qwen3_next"])
+def test_std_gated_delta_net_is_chunked_and_equals_the_loop(spec):
+    graph = analyse(spec).graph
     (node,) = [graph.node(n) for n in graph.order() if graph.node(n)["op"] == "delta_rule_scan"]
     assert node["attrs"].gate == "log"  # α = exp(...) in the block: its argument, through split_heads
     assert not [n for n in graph.order() if graph.node(n)["op"] == "scan"]
     x = torch.randn(2, CHUNK + 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    _same(GDN_SPEC, [x])
-    _same(GDN_SPEC, [x[:, :3]])
-    reports = [gatedsl.check(GDN_SPEC, opt_level=level) for level in (0, 2)]
+    _same(spec, [x])
+    _same(spec, [x[:, :3]])
+    reports = [gatedsl.check(spec, opt_level=level) for level in (0, 2)]
     for field in ("gates", "params", "params_by_block", "flops_expr", "shapes", "outputs"):
         assert getattr(reports[0], field) == getattr(reports[1], field), field
 

@@ -1199,6 +1199,8 @@ def test_learned_init_schemes():
     assert abs(log_dt.mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.05
     w = _init_stats("dt_bias(0.001, 0.1, 0.01)", [1000])  # the floor clamps Δ₀ from below
     assert F.softplus(w).min() >= 0.01 - 1e-6 and (F.softplus(w) - 0.01).abs().min() < 1e-6
+    w = _init_stats("log_of_uniform(0.01, 16)", [400, 300])  # log u, u ~ U(0.01, 16)
+    assert w.exp().min() >= 0.01 and w.exp().max() <= 16 and abs(w.exp().mean().item() - 8.005) < 0.05
     w = _init_stats("none", [400, 100])  # the default: U(±1/sqrt(last dim))
     assert w.abs().max() <= 0.1 + 1e-7 and w.abs().max() > 0.098
 
@@ -1217,6 +1219,7 @@ def test_init_errors():
         ("learned([8], init=dt_bias(0.1, 0.01))", "dt_min <= dt_max"),
         ("learned([8], init=dt_bias(0, 0.1))", "0 < dt_min"),
         ("sum(learned([], init=s4d_real))", "not a scalar"),
+        ("learned([8], init=log_of_uniform(-1, 16))", "log_of_uniform(a, b) needs 0 <= a <= b"),
     ]
     for expr, message in bad:
         with pytest.raises(SpecError, match=re.escape(message)):

@@ -308,38 +308,56 @@ def test_gla_with_other_key_dim_rank_and_tau():
     check_against(model, lambda x, W: gla_reference(x, W, heads, key_dim, tau), [randn(batch, time, d, seed=2)])
 
 
-def gated_deltanet_reference(x, W, heads, p="GatedDeltaNet"):
-    """Gated DeltaNet (Yang et al. 2025): q, k, v = SiLU(causal conv(x W)), q and k L2-normalised;
-    α_t = exp(−exp(A_log) softplus(x w_α + b)), β_t = σ(x w_β);
-    S_t = α_t S_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t; y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
+def gated_deltanet_reference(x, W, heads, head_dim=None, v_heads=None, v_head_dim=None, norm_eps=1e-5, gate=True,
+                             conv_bias=False, p="GatedDeltaNet"):
+    """Gated DeltaNet as fla's layer: q, k, v = SiLU(causal conv(x W)), q ← q/‖q‖·dk^−½, k ← k/‖k‖; each key
+    head serving v_heads/heads consecutive value heads; α_t = exp(−exp(A_log) softplus(x w_α + dt_bias)),
+    β_t = σ(x w_β); S_t = α_t S_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t;
+    y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
     batch, time, d = x.shape
-    dh = d // heads
+    head_dim = head_dim or math.ceil(3 * d / (4 * heads))
+    v_heads, v_head_dim = v_heads or heads, v_head_dim or 2 * head_dim
 
     def branch(name):
-        return silu(causal_depthwise_conv(lin(x, W, f"{p}.{name}.x_proj", False), W[f"{p}.{name}.conv.weight"]))
+        conv = f"{p}.{name}.conv"
+        return silu(causal_depthwise_conv(lin(x, W, f"{p}.{name}.x_proj", False), W[conv + ".weight"],
+                                          W[conv + ".bias"] if conv_bias else None))
 
-    q, k, v = (per_head(branch(n), heads) for n in "qkv")
-    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+    q, k, v = per_head(branch("q"), heads), per_head(branch("k"), heads), per_head(branch("v"), v_heads)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(head_dim)
     k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    alpha = torch.exp(-torch.exp(W[f"{p}.A_log"]) * F.softplus(lin(x, W, f"{p}.alpha.x_proj", True)))  # [B, T, heads]
+    q, k = (t.repeat_interleave(v_heads // heads, dim=2) for t in (q, k))  # [B, T, v_heads, dk]
+    pre = lin(x, W, f"{p}.alpha.x_proj", False) + W[f"{p}.dt_bias"]
+    alpha = torch.exp(-torch.exp(W[f"{p}.A_log"]) * F.softplus(pre))  # [B, T, v_heads]
     beta = torch.sigmoid(lin(x, W, f"{p}.beta.x_proj", False))
-    eye = torch.eye(dh, dtype=DT)
-    S = torch.zeros(batch, heads, dh, dh, dtype=DT)                    # [B, heads, dv, dk]
+    eye = torch.eye(head_dim, dtype=DT)
+    S = torch.zeros(batch, v_heads, v_head_dim, head_dim, dtype=DT)  # [B, v_heads, dv, dk]
     outs = []
     for t in range(time):
         a, b = alpha[:, t, :, None, None], beta[:, t, :, None, None]
         kt, vt, qt = k[:, t, :, :, None], v[:, t, :, :, None], q[:, t, :, :, None]
         S = a * S @ (eye - b * kt @ kt.transpose(-1, -2)) + b * vt @ kt.transpose(-1, -2)
         outs.append((S @ qt).squeeze(-1))
-    o = rms_norm(torch.stack(outs, 1), W[f"{p}.o_norm.norm.weight"], 1e-5).reshape(batch, time, d)
-    g = silu(lin(x, W, f"{p}.g.x_proj", False))
-    return lin(o * g, W, f"{p}.y.proj", False)
+    o = rms_norm(torch.stack(outs, 1), W[f"{p}.o_norm.norm.weight"], norm_eps).reshape(batch, time, -1)
+    if gate:
+        o = o * silu(lin(x, W, f"{p}.g.x_proj", False))
+    return lin(o, W, f"{p}.y.o_norm_proj", False)
 
 
 @pytest.mark.parametrize("batch, time, d, heads", BLOCK_SHAPES)
 def test_gated_deltanet_equals_its_equation(batch, time, d, heads):
     model = build(wrapper(f"GatedDeltaNet(x, heads={heads})", f"  input x: [B, T, {d}]"))
     check_against(model, lambda x, W: gated_deltanet_reference(x, W, heads), [randn(batch, time, d, seed=1)])
+
+
+@pytest.mark.parametrize("sizes", [dict(heads=2, head_dim=3, v_heads=4, v_head_dim=5),
+                                   dict(heads=1, head_dim=4, v_heads=3, v_head_dim=2, gate=False),
+                                   dict(heads=2, head_dim=2, v_heads=2, v_head_dim=3, norm_eps=1e-6, conv_bias=True)])
+def test_gated_deltanet_with_value_heads_sizes_and_options(sizes):
+    """More value heads than key heads, key and value head sizes set apart, no output gate, another eps, conv biases."""
+    args = ", ".join(f"{k}={str(v).lower()}" for k, v in sizes.items())
+    model = build(wrapper(f"GatedDeltaNet(x, {args})", "  input x: [B, T, 8]"))
+    check_against(model, lambda x, W: gated_deltanet_reference(x, W, **sizes), [randn(2, 5, 8, seed=3)])
 
 
 def hgrn_layer_reference(x, lower, W, p):
@@ -499,12 +517,16 @@ def test_gla_parameter_count(d, heads, key_dim, rank):
     assert _count(f"GLA(x, heads={heads}, key_dim={key_dim}, rank={rank})", d) == expected
 
 
-@pytest.mark.parametrize("d, heads, conv", [(8, 2, 4), (12, 3, 2), (6, 1, 1)])
-def test_gated_deltanet_parameter_count(d, heads, conv):
-    # W_q, W_k, W_v (D x D) with their convolutions (D x kernel, no bias), A_log (heads), w_α + b (D x heads + heads),
-    # w_β (D x heads), RMSNorm (dv), W_g and W_O (D x D)
-    expected = 3 * (d * d + d * conv) + heads + (d * heads + heads) + d * heads + d // heads + 2 * d * d
-    assert _count(f"GatedDeltaNet(x, heads={heads}, conv={conv})", d) == expected
+@pytest.mark.parametrize("d, heads, v_heads, dk, dv, conv",
+                         [(8, 2, 2, 3, 6, 4), (12, 3, 6, 2, 5, 2), (6, 1, 1, 4, 4, 1)])
+def test_gated_deltanet_parameter_count(d, heads, v_heads, dk, dv, conv):
+    # W_q, W_k (D x heads·dk), W_v (D x v_heads·dv) with their convolutions (channels x kernel, no bias);
+    # A_log, dt_bias, w_α, w_β (v_heads, v_heads, D x v_heads each); RMSNorm (dv); W_g and W_O (D x v_heads·dv)
+    key, value = heads * dk, v_heads * dv
+    expected = 2 * (d * key + key * conv) + (d * value + value * conv) + 2 * v_heads + 2 * d * v_heads + dv \
+        + 2 * d * value
+    call = f"GatedDeltaNet(x, heads={heads}, v_heads={v_heads}, head_dim={dk}, v_head_dim={dv}, conv={conv})"
+    assert _count(call, d) == expected
 
 
 @pytest.mark.parametrize("d, layers", [(4, 1), (6, 3), (16, 2)])
@@ -566,9 +588,19 @@ def test_compile_json_lists_the_gates(tmp_path):
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("call", ["GLA(x, heads=3)", "RetNet(x, heads=5)", "GatedDeltaNet(x, heads=3)"])
+@pytest.mark.parametrize("call", ["GLA(x, heads=3)", "RetNet(x, heads=5)"])
 def test_heads_must_divide(call):
     with pytest.raises(gatedsl.SpecError, match="heads must divide"):
+        gatedsl.check(wrapper(call, "  input x: [B, T, 8]"))
+
+
+@pytest.mark.parametrize("call, message", [("GatedDeltaNet(x, heads=2, v_heads=3)", "v_heads must be a multiple"),
+                                           ("GatedDeltaNet(x, heads=4, v_heads=2)", "v_heads must be a multiple"),
+                                           ("GatedDeltaNet(x, head_dim=0)", "head_dim and v_head_dim must be positive"),
+                                           ("GatedDeltaNet(x, init=\"mamba\")", "init")])
+def test_gated_deltanet_sizes_are_checked(call, message):
+    """Value heads that key heads do not divide, empty heads, an init of neither reference."""
+    with pytest.raises(gatedsl.SpecError, match=message):
         gatedsl.check(wrapper(call, "  input x: [B, T, 8]"))
 
 

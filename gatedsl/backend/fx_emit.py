@@ -118,6 +118,8 @@ def init_tensor(tensor: torch.Tensor, spec: InitSpec) -> None:
                 runtime.s4d_real_(tensor)
             case "dt_bias":
                 runtime.dt_bias_(tensor, a[0], a[1], a[2])
+            case "log_of_uniform":
+                tensor.uniform_(a[0], a[1]).log_()
             case _:
                 raise AssertionError(f"unknown init {spec.kind}")
 

@@ -137,7 +137,7 @@ INIT_ARITY = {
     "zeros": (0, 0), "ones": (0, 0), "constant": (1, 1), "normal": (1, 2), "uniform": (2, 2),
     "trunc_normal": (1, 1), "xavier_uniform": (0, 1), "xavier_normal": (0, 1), "kaiming_uniform": (0, 1),
     "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1),
-    "s4d_real": (0, 0), "dt_bias": (2, 3),
+    "s4d_real": (0, 0), "dt_bias": (2, 3), "log_of_uniform": (2, 2),
 }
 
 
@@ -175,6 +175,9 @@ def parse_init(el: Elaborating, node: ast.Expr) -> InitSpec | None:
         args.append(1e-4)  # Mamba's dt_init_floor
     if kind == "uniform" and args[0] > args[1]:
         raise SpecTypeError(f"uniform(a, b) needs a <= b, got uniform({args[0]:g}, {args[1]:g})", node.span)
+    if kind == "log_of_uniform" and not 0 <= args[0] <= args[1]:
+        raise SpecTypeError(f"log_of_uniform(a, b) needs 0 <= a <= b, got log_of_uniform({args[0]:g}, {args[1]:g})",
+                            node.span)
     return InitSpec(kind=kind, args=tuple(args))
 
 
