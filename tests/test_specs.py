@@ -93,6 +93,10 @@ STD_WRAPPERS = {
     "ScalarDecayStep": "scan ScalarDecayStep(x, x, x, sigmoid(x[..., :1])) over T",
     "GatedDeltaStep": "scan GatedDeltaStep(x, x, x, sigmoid(x[..., :1]), sigmoid(x[..., :1])) over T",
     "HGRNStep": "scan HGRNStep(x, sigmoid(x)) over T",
+    # fla's defaults of 4 (GLA, SimpleGLA) and 8 (RetNet) heads do not divide D = 6.
+    "GLA": "GLA(x, heads=3)",
+    "SimpleGLA": "SimpleGLA(x, heads=3)",
+    "RetNet": "RetNet(x, heads=3)",
     "SelectiveScanStep": "scan SelectiveScanStep(sigmoid(unsqueeze(x, -1) * unsqueeze(x, -2)), "
                          "unsqueeze(x, -1) * unsqueeze(x, -2), x) over T",
     "HGRN": "HGRN(x, sigmoid(x[0, 0]))",
