@@ -205,3 +205,25 @@ def test_load_torch_rnn_rejects_what_does_not_fit(case):
         ref = nn.GRU(3, 4, num_layers=1, bidirectional=True, batch_first=True)
     with pytest.raises(TypeError if case == "not_rnn" else ValueError):
         gatedsl.load_torch_rnn(model, ref)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_weights_go_back_to_torch(kind, bias):
+    """load_torch_rnn is one case of gatedsl.interop's mappings, so the same mapping writes the cells back in torch's
+    packed layout: a fresh torch layer loads them (strict) and computes what the spec does."""
+    from gatedsl.interop import export_state_dict, scanned_cells, torch_rnn_mapping
+
+    torch.manual_seed(0)
+    rnn = getattr(nn, kind)
+    ref = rnn(3, 4, num_layers=2, bidirectional=True, bias=bias, batch_first=True).double()
+    model = gatedsl.compile(SPECS / f"{kind.lower()}.gate",
+                            params=dict(input_size=3, hidden=4, layers=2, bidirectional=True)).double()
+    gatedsl.load_torch_rnn(model, ref)
+    scans = [path for path, _, _ in scanned_cells(model)]
+    exported = export_state_dict(model, torch_rnn_mapping(kind, scans, directions=2, bias=bias))
+    back = rnn(3, 4, num_layers=2, bidirectional=True, bias=bias, batch_first=True).double()
+    back.load_state_dict(exported, strict=True)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(back(x)[0], model(x)[0], **TOL)
+    assert all(torch.equal(exported[k], v) for k, v in ref.state_dict().items())

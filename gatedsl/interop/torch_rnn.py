@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
 
 from gatedsl.backend import runtime
+from gatedsl.interop.mapping import Mapping, fill, load_state_dict, split
 
 # The gate order of torch's fused weight matrices, and the statement of the std cell
 # (specs/std/cells.gate) that holds each gate's projections.
@@ -41,8 +41,10 @@ def load_torch_rnn(module: fx.GraphModule, torch_rnn: nn.GRU | nn.LSTM, *,
     (zeros when the torch layer has bias=False). `batch_first` is a property of the
     inputs, not the weights: the std-cell specs take [B, T, D] as batch_first=True does.
 
-    Returns the names of the parameters written. Raises ValueError when the layer does
-    not fit: another kind of cell, another number of layers, or other sizes.
+    This is `load_state_dict` with the mapping `torch_rnn_mapping` makes, loading only the
+    cells (`partial`). Returns the names of the parameters written. Raises ValueError
+    (MappingError for sizes) when the layer does not fit: another kind of cell, another
+    number of layers, or other sizes; then nothing is written.
     """
     kind = "GRU" if isinstance(torch_rnn, nn.GRU) else "LSTM" if isinstance(torch_rnn, nn.LSTM) else None
     if kind is None:
@@ -66,31 +68,23 @@ def load_torch_rnn(module: fx.GraphModule, torch_rnn: nn.GRU | nn.LSTM, *,
     elif len(scans) != wanted:
         raise ValueError(f"the torch {kind} needs {wanted} scanned cells, got {len(scans)} paths")
 
+    mapping = torch_rnn_mapping(kind, scans, directions, bias=torch_rnn.bias)
+    return load_state_dict(module, torch_rnn.state_dict(), mapping, partial=True)
+
+
+def torch_rnn_mapping(kind: str, scans: list[str], directions: int = 1, bias: bool = True) -> Mapping:
+    """How a torch.nn.GRU's or LSTM's state dict maps onto the std cells at `scans` (in torch's layer order)."""
     gates = TORCH_GATES[kind]
-    source = dict(torch_rnn.named_parameters())
-    written = []
-    with torch.no_grad():
-        for i, path in enumerate(scans):
-            suffix = _suffix(i // directions, i % directions)
-            for torch_name, side in (("weight_ih", "x"), ("weight_hh", "h"), ("bias_ih", "x"), ("bias_hh", "h")):
-                packed = source.get(torch_name + suffix)  # None for the biases of a bias=False layer
-                blocks = packed.chunk(len(gates), dim=0) if packed is not None else [None] * len(gates)
-                leaf = "weight" if torch_name.startswith("weight") else "bias"
-                for gate, rows in zip(gates, blocks):
-                    name = f"{path}.{gate}.{side}_proj.{leaf}"
-                    try:
-                        target = module.get_parameter(name)
-                    except AttributeError:
-                        raise ValueError(f"the module has no parameter {name}: is {path} a std.cells {kind}?") from None
-                    if rows is None:
-                        target.zero_()
-                    elif target.shape != rows.shape:
-                        raise ValueError(f"{name} is {list(target.shape)}, but torch's {torch_name + suffix} gives "
-                                         f"{list(rows.shape)} per gate")
-                    else:
-                        target.copy_(rows)
-                    written.append(name)
-    return written
+    rules = []
+    for i, path in enumerate(scans):
+        suffix = _suffix(i // directions, i % directions)
+        for side in ("x", "h"):
+            torch_side = "ih" if side == "x" else "hh"
+            rules.append(split(f"weight_{torch_side}{suffix}", [f"{gate}.{side}_proj.weight" for gate in gates]))
+            biases = [f"{gate}.{side}_proj.bias" for gate in gates]
+            rules.append(split(f"bias_{torch_side}{suffix}", biases) if bias else fill(biases, 0.0))
+        rules[-4:] = [rule.under(path, "") for rule in rules[-4:]]
+    return Mapping(rules)
 
 
 def _suffix(layer: int, direction: int) -> str:
