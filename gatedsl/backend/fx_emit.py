@@ -512,19 +512,17 @@ def _cumulative(em, data, args):
 def _attention(em, data, args):
     a = data["attrs"]
     q, k = (em.ir.type_of(port) for port in data["inputs"][:2])
-    grouped = attention_groups(q, k) > 1
-    if a.lengths or a.window is not None or (a.masked and a.causal):
+    groups = attention_groups(q, k)
+    if a.lengths or a.window is not None or (a.masked and a.causal) or groups > 1:
         mask = args[3] if a.masked else None
         lengths = args[-1] if a.lengths else None
-        return em.call(runtime.masked_attention, (*args[:3], mask, lengths, a.causal, a.window, a.left_padded,
-                                                  a.scale, grouped), name=data["name"])
+        return em.call(runtime.attention, (*args[:3], mask, lengths, a.causal, a.window, a.left_padded, a.scale,
+                                           groups), name=data["name"])
     kwargs: dict[str, Any] = {"is_causal": a.causal}
     if a.masked:
         kwargs["attn_mask"] = args[3]
     if a.scale is not None:
         kwargs["scale"] = a.scale
-    if grouped:
-        kwargs["enable_gqa"] = True
     return em.call(F.scaled_dot_product_attention, tuple(args[:3]), kwargs, name=data["name"])
 
 

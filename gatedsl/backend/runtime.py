@@ -265,16 +265,20 @@ def rope(x, positions, theta, rotary_dim):
     return torch.cat((turned, kept), dim=-1) if kept.shape[-1] else turned
 
 
-def masked_attention(q, k, v, mask, lengths, causal, window, left_padded, scale, enable_gqa):
-    """Scaled dot-product attention under every mask given, together (see gatedsl.ir.ops.AttentionAttrs).
+def attention(q, k, v, mask, lengths, causal, window, left_padded, scale, groups):
+    """Scaled dot-product attention under every mask given, together, over `groups` query heads per key/value head.
 
     Query t may see key s where s ≤ t (causal), t − window < s (a sliding window), s is one of the sample's
     valid keys (its first `lengths[b]`, or its last where left_padded) and `mask` holds (bool); a float `mask`
-    is added to the scores. A query that may see no key gets zeros, as torch's SDPA gives.
+    is added to the scores. A query that may see no key gets zeros, as torch's SDPA gives. Key/value head h
+    serves query heads h·groups to h·groups + groups − 1 (dim -3), as transformers' repeat_kv has them.
     """
     steps, keys = q.shape[-2], k.shape[-2]
+    kwargs = {"scale": scale} if scale is not None else {}
     keep = None  # bool, broadcasting to the scores: true where a query may see a key
-    if causal:
+    if causal and window is None and lengths is None and mask is None:
+        kwargs["is_causal"] = True  # SDPA's own causal mask, which its fastest kernels take
+    elif causal:
         key_at = torch.arange(keys, device=q.device)
         query_at = torch.arange(steps, device=q.device)[:, None]
         keep = key_at <= query_at
@@ -289,9 +293,10 @@ def masked_attention(q, k, v, mask, lengths, causal, window, left_padded, scale,
         keep = mask if keep is None else keep & mask
     elif mask is not None:
         keep = mask if keep is None else torch.where(keep, mask, float("-inf"))
-    kwargs = {"scale": scale} if scale is not None else {}
-    if enable_gqa:
+    if groups > 1 and torch.__version__ >= "2.5":
         kwargs["enable_gqa"] = True
+    elif groups > 1:  # torch 2.4's SDPA cannot group heads
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **kwargs)
 
 
