@@ -1037,8 +1037,7 @@ def test_attention_with_masks():
     mask[:, 0] = True  # every query sees something
     inputs = [randn(2, 3, 4, seed=1), randn(2, 5, 4, seed=2), randn(2, 5, 3, seed=3), mask, randn(2, 3, 5, seed=4)]
     check(spec, inputs, lambda gm, q, k, v, m, f: (_attention_ref(q, k, v, mask=m), _attention_ref(q, k, v, scale=0.5, mask=f)))
-    with pytest.raises(SpecError, match="not both"):
-        gatedsl.check(model("output y = attention(q, k, v, causal=true, mask=m)", *decls))
+    # masks combined with causal=true, lengths, windows and grouped heads: tests/test_attention_primitives.py
 
 
 def test_attention_shape_errors():
@@ -1301,6 +1300,7 @@ def test_every_builtin_is_exercised():
         "min", "prod", "logsumexp", "cumsum", "cumprod", "attention", "embedding", "take", "one_hot",
         "dropout", "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
         "noise_like",  # tested in tests/test_aux.py
+        "rope",  # tested in tests/test_attention_primitives.py
         "param_count", "flop_count",  # budgets, tested in tests/test_search_space.py
         # static helpers, tested below
         "int", "round", "ceil", "floor", "round_up",

@@ -408,6 +408,8 @@ def _norm(kind: str, eps: float):
     spec = [Arg("x", "tensor"), Arg("eps", "float", eps), Arg("affine", "bool", True)]
     if kind == "group":
         spec.insert(1, Arg("groups", "int"))
+    if kind == "rms":
+        spec.append(Arg("zero_centered", "bool", False))
 
     def run(el, call, a):
         x, span = a["x"]
@@ -415,7 +417,12 @@ def _norm(kind: str, eps: float):
             raise SpecTypeError(f"{kind}_norm needs at least one dim", span)
         features = _static_size(x, x.type.rank - 1, f"{kind}_norm", span)
         path = _weights_path(el, "norm") if a["affine"][0] else None
+        zero_centered = kind == "rms" and a["zero_centered"][0]
+        if zero_centered and path is None:
+            raise SpecTypeError("a zero-centred rms_norm scales by 1 + w: it needs its weight (affine=true)",
+                                a["zero_centered"][1])
         attrs = {"kind": kind, "eps": a["eps"][0], "groups": a["groups"][0] if kind == "group" else 1,
+                 "zero_centered": zero_centered,
                  "features": features,
                  "weight": path + ".weight" if path else None,
                  "bias": path + ".bias" if path and kind != "rms" else None}
@@ -683,18 +690,48 @@ def _cumprod(el, call, a):
 
 # -------------------------------------------------------------- attention
 @builtin("attention", Arg("q", "tensor"), Arg("k", "tensor"), Arg("v", "tensor"), Arg("causal", "bool", False),
-         Arg("scale", "float?", None), Arg("mask", "tensor?", None))
+         Arg("scale", "float?", None), Arg("mask", "tensor?", None), Arg("lengths", "tensor?", None),
+         Arg("window", "int?", None), Arg("padding", "str", "right"))
 def _attention(el, call, a):
-    """Scaled dot-product attention over [*, T, d] (heads in the leading dims)."""
-    inputs = [a["q"][0], a["k"][0], a["v"][0]]
-    mask = a["mask"][0]
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise SpecTypeError("attention mask must be a tensor", a["mask"][1])
-        if a["causal"][0]:
-            raise SpecTypeError("give attention either causal=true or a mask, not both", call.span)
-        inputs.append(mask)
-    return el.add("attention", {"causal": a["causal"][0], "scale": a["scale"][0], "masked": mask is not None},
+    """Scaled dot-product attention over [*, T, d] (heads at dim -3; fewer key/value heads than query heads group)."""
+    inputs = [a["q"][0], a["k"][0], a["v"][0]] + [a[key][0] for key in ("mask", "lengths") if a[key][0] is not None]
+    window, window_span = a["window"]
+    if window is not None and window <= 0:
+        raise SpecTypeError(f"a sliding window holds at least one key, got window={window}", window_span)
+    if window is not None and not a["causal"][0]:
+        raise SpecTypeError("a sliding window (window=) is causal: give causal=true too", window_span,
+                            help="each query sees the `window` keys up to and including its own position, "
+                                 "as transformers' sliding_window")
+    padding, padding_span = a["padding"]
+    if padding not in ("right", "left"):
+        raise SpecTypeError(f'padding is "right" or "left", got "{padding}"', padding_span)
+    if padding == "left" and a["lengths"][0] is None:
+        raise SpecTypeError('padding="left" says where the padding of lengths= is: give lengths too', padding_span)
+    attrs = {"causal": a["causal"][0], "scale": a["scale"][0], "masked": a["mask"][0] is not None,
+             "lengths": a["lengths"][0] is not None, "left_padded": padding == "left", "window": window}
+    return el.add("attention", attrs, inputs, call.span)[0]
+
+
+@builtin("rope", Arg("x", "tensor"), Arg("positions", "tensor?", None), Arg("theta", "float", 10000.0),
+         Arg("rotary_dim", "int?", None))
+def _rope(el, call, a):
+    """Rotary position embedding of [*, T, d] on its first rotary_dim features (all by default)."""
+    x, span = a["x"]
+    if x.type.rank < 2:
+        raise SpecTypeError(f"rope needs [*, T, d], got {x.type}", span)
+    width = _static_size(x, x.type.rank - 1, "rope", span)
+    rotary_dim, rotary_span = a["rotary_dim"]
+    rotary_dim = width if rotary_dim is None else rotary_dim
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > width:
+        raise SpecTypeError(f"rope rotates pairs of features: rotary_dim must be even and at most d = {width}, "
+                            f"got {rotary_dim}", rotary_span)
+    if a["theta"][0] <= 0:
+        raise SpecTypeError(f"rope's base theta must be positive, got {a['theta'][0]:g}", a["theta"][1])
+    positions = a["positions"][0]
+    if rotary_dim == 0 and positions is None:
+        return x  # nothing to rotate (transformers' partial_rotary_factor rounds small heads to 0)
+    inputs = [x] + ([positions] if positions is not None else [])
+    return el.add("rope", {"theta": a["theta"][0], "rotary_dim": rotary_dim, "positions": positions is not None},
                   inputs, call.span)[0]
 
 
