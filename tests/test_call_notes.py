@@ -59,11 +59,13 @@ def test_a_requirement_failing_in_a_std_block_notes_the_user_s_call(tmp_path, ca
     assert main(["check", str(spec)]) == 1
     lines = capsys.readouterr().err.splitlines()
     source = Path(std).read_text().splitlines()
-    line = next(i for i, text in enumerate(source, 1) if "heads must divide D" in text)
+    start = next(i for i, text in enumerate(source, 1) if text.startswith("block gated_attention"))
+    line = next(i for i, text in enumerate(source, 1) if i > start and "heads must divide D" in text)
+    column = source[line - 1].index("D % heads") + 1
     assert lines == [
-        f"{std}:{line}:11: error: requirement failed: heads must divide D",
+        f"{std}:{line}:{column}: error: requirement failed: heads must divide D (or give head_dim)",
         f"{line:>4} | {source[line - 1]}",
-        "     |           ^~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+        "     | " + " " * (column - 1) + "^" + "~" * (len("D % heads == 0") - 1),
         "note: D = 8, heads = 3",
         f"{spec}:5:7: note: in this call to gated_attention",
         "   5 |   y = gated_attention(x, heads=3)",
@@ -154,7 +156,7 @@ model M(d: int in 4..16 = 12, layers: int in 1..4 = 4) {
 """)
     memo = CallMemo(load(spec))
     fresh = _error(spec)
-    assert fresh.message == "requirement failed: heads must divide D"
+    assert fresh.message == "requirement failed: heads must divide D (or give head_dim)"
     assert _call_notes(fresh) == [("in this call to layer", 12), ("in this call to gated_attention", 5)]
     program = memo.program
     for _ in range(3):  # a record is kept once its call is seen twice; the third elaboration replays layers 0-2

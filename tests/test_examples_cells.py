@@ -60,7 +60,7 @@ def test_rhn_hybrid_loss_falls_below_predicting_no_change(capsys):
 def _hybrid_params(d: int, depth: int, gating: str, attention: bool, layers: int = 1, c: int = 8) -> int:
     rhn = 2 * d * d + depth * 2 * (d * d + d)          # std.cells RHN, coupled: W_H, W_T; R and b per micro-step
     residual = {"none": 0, "additive": 0, "learned": d, "input": d * d + d}[gating]
-    attn = 5 * (d * d + d) + residual if attention else 0
+    attn = 5 * d * d + 2 * (d // 4) + residual if attention else 0  # gated_attention, 4 heads: see test_specs.py
     return (c * d + d) + layers * (rhn + residual + attn) + (d * c + c)
 
 

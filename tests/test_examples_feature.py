@@ -27,15 +27,16 @@ def test_gated_attention_transformer_loss_falls_and_reports_its_gates(capsys):
 
 
 def test_gate_probe_reads_the_gates_the_model_computes():
-    """The probe's values are σ(x W_θ + b) of the first layer, recomputed here from the weights."""
+    """The probe's values are σ(g) of the first layer, g each head's second half of q_proj's output (Qwen3-Next's
+    layout: per head, its query then its gate), recomputed here from the weights."""
     example = load_example("gated_attention_transformer")
     model = gatedsl.compile(example.SPEC, params=dict(vocab=7, context=8, d=16, layers=1, heads=2)).double()
     tokens = torch.randint(7, (3, 9), generator=torch.Generator().manual_seed(0))
     p = dict(model.named_parameters())
     h = torch.nn.functional.embedding(tokens[:, :-1], p["h.embedding.weight"]) + p["position"]
     normed = torch.nn.functional.rms_norm(h, (16,), p["blocks.0.h.norm.weight"], eps=1e-6)
-    gate = torch.sigmoid(torch.nn.functional.linear(normed, p["blocks.0.gated_attention.g.x_proj.weight"],
-                                                    p["blocks.0.gated_attention.g.x_proj.bias"]))
+    queries_and_gates = normed @ p["blocks.0.gated_attention.qg.x_proj.weight"].T  # [3, 8, heads · 2 · head_dim]
+    gate = torch.sigmoid(queries_and_gates.unflatten(-1, (2, 16))[..., 8:])
     means = example.gate_means(model, tokens)
     assert list(means) == ["blocks.0.gated_attention.g"]
     assert abs(means["blocks.0.gated_attention.g"] - gate.mean().item()) < 1e-12

@@ -15,8 +15,11 @@ from gatedsl.passes import MAX_OPT_LEVEL, OPTIMIZATIONS, PIPELINE
 ROOT = Path(__file__).resolve().parent.parent
 DIMS = {"B": 2, "T": 5}  # small: the comparison is exact up to rounding at any size
 
-# (spec, parameter overrides): every model under specs/ and every example spec, and every std cell through a scan.
+# (spec, parameter overrides): every model under specs/ and specs/zoo/ and every example spec, and every std cell
+# through a scan.
 CASES = [(path, {}) for path in sorted((ROOT / "specs").glob("*.gate"))]
+CASES += [(path, {}) for path in sorted((ROOT / "specs" / "zoo").glob("*.gate"))]
+CASES += [(ROOT / "specs" / "zoo" / "gla.gate", {"tie_word_embeddings": True, "use_short_conv": True})]
 CASES += [(ROOT / "specs" / "gru.gate", {"layers": 2, "bidirectional": True, "initial_state": True})]
 CASES += [(ROOT / "specs" / "lstm.gate", {"layers": 2, "bidirectional": True})]
 CASES += [(ROOT / "specs" / "lstm.gate", {"initial_state": True})]

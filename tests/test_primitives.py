@@ -1037,8 +1037,7 @@ def test_attention_with_masks():
     mask[:, 0] = True  # every query sees something
     inputs = [randn(2, 3, 4, seed=1), randn(2, 5, 4, seed=2), randn(2, 5, 3, seed=3), mask, randn(2, 3, 5, seed=4)]
     check(spec, inputs, lambda gm, q, k, v, m, f: (_attention_ref(q, k, v, mask=m), _attention_ref(q, k, v, scale=0.5, mask=f)))
-    with pytest.raises(SpecError, match="not both"):
-        gatedsl.check(model("output y = attention(q, k, v, causal=true, mask=m)", *decls))
+    # masks combined with causal=true, lengths, windows and grouped heads: tests/test_attention_primitives.py
 
 
 def test_attention_shape_errors():
@@ -1059,6 +1058,22 @@ def test_embedding_default_init_matches_torch():
     torch.manual_seed(3)
     emb = torch.nn.Embedding(50, 8)
     assert torch.equal(P(gm, "y.embedding.weight"), emb.weight)
+
+
+def test_take_reads_a_learned_table_and_ties_it_to_a_head():
+    """take(E, i) = E[i]; with the same E as the head, h @ Eᵀ, one tensor gets both gradients (tied weights)."""
+    spec = model("E = learned([7, 3], init=normal(0.02))\nh = take(E, i)\noutput y = h * x @ transpose(E)",
+                 "i: int[B, T]", "x: [B, T, 3]")
+    gm = check(spec, [ints(2, 4, high=7), randn(2, 4, 3)],
+               lambda gm, i, x: (P(gm, "E")[i] * x) @ P(gm, "E").T)
+    assert param_names(gm) == {"E"} and gatedsl.check(spec).params == 21
+
+
+@pytest.mark.parametrize("table, index, message", [
+    ("[7]", "int[B]", "float [N, D] table"), ("[7, 3]", "[B]", "int indices")])
+def test_take_errors(table, index, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        gatedsl.check(model("output y = take(E, i)", f"E: {table}", f"i: {index}"))
 
 
 @pytest.mark.parametrize("num", [1, 4])
@@ -1172,12 +1187,19 @@ def test_learned_init_schemes():
     torch.testing.assert_close(w @ w.T, 4 * torch.eye(20, dtype=DT), atol=1e-4, rtol=0)
     w = _init_stats("fan_in_uniform(16)", [400, 300])
     assert w.abs().max() <= 0.25 + 1e-7 and w.abs().max() > 0.245
+    w = _init_stats("s4d_real", [3, 5])  # log n along the last dim: Mamba's A_log for A_n = −n
+    assert torch.equal(w, torch.log(torch.arange(1.0, 6.0)).double().expand(3, 5))
+    w = _init_stats("dt_bias(0.001, 0.1)", [20000])  # softplus(b) = Δ₀, log-uniform in [0.001, 0.1]
+    torch.manual_seed(0)
+    want = torch.exp(torch.rand(20000) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    torch.testing.assert_close(F.softplus(w), want.double(), rtol=1e-5, atol=0)  # the same draw, mapped through
+    log_dt = torch.log(F.softplus(w))
+    assert log_dt.min() >= math.log(0.001) - 1e-5 and log_dt.max() <= math.log(0.1) + 1e-5
+    assert abs(log_dt.mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.05
+    w = _init_stats("dt_bias(0.001, 0.1, 0.01)", [1000])  # the floor clamps Δ₀ from below
+    assert F.softplus(w).min() >= 0.01 - 1e-6 and (F.softplus(w) - 0.01).abs().min() < 1e-6
     w = _init_stats("log_of_uniform(0.01, 16)", [400, 300])  # log u, u ~ U(0.01, 16)
     assert w.exp().min() >= 0.01 and w.exp().max() <= 16 and abs(w.exp().mean().item() - 8.005) < 0.05
-    w = _init_stats("inverse_softplus_log_uniform(0.001, 0.1)", [400, 300])  # softplus(w) log-uniform
-    dt = torch.nn.functional.softplus(w).log()
-    assert dt.min() >= math.log(0.001) - 1e-6 and dt.max() <= math.log(0.1) + 1e-6
-    assert abs(dt.mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.01
     w = _init_stats("none", [400, 100])  # the default: U(±1/sqrt(last dim))
     assert w.abs().max() <= 0.1 + 1e-7 and w.abs().max() > 0.098
 
@@ -1193,8 +1215,10 @@ def test_init_errors():
         ("learned([8], init=normal(-1))", "deviation"),
         ("learned([8], init=bogus)", "unknown init"),
         ("learned([8], init=normal(1, 2, 3))", "normal takes"),
+        ("learned([8], init=dt_bias(0.1, 0.01))", "dt_min <= dt_max"),
+        ("learned([8], init=dt_bias(0, 0.1))", "0 < dt_min"),
+        ("sum(learned([], init=s4d_real))", "not a scalar"),
         ("learned([8], init=log_of_uniform(-1, 16))", "log_of_uniform(a, b) needs 0 <= a <= b"),
-        ("learned([8], init=inverse_softplus_log_uniform(0, 0.1))", "needs 0 < low <= high"),
     ]
     for expr, message in bad:
         with pytest.raises(SpecError, match=re.escape(message)):
@@ -1273,9 +1297,10 @@ def test_every_builtin_is_exercised():
         "group_norm", "conv1d", "conv2d", "depthwise_conv1d", "depthwise_conv2d", "avg_pool1d", "max_pool1d",
         "avg_pool2d", "max_pool2d", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", "split",
         "chunk", "concat", "stack", "split_heads", "merge_heads", "gather", "flip", "size", "sum", "mean", "max",
-        "min", "prod", "logsumexp", "cumsum", "cumprod", "attention", "embedding", "one_hot", "dropout",
-        "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
+        "min", "prod", "logsumexp", "cumsum", "cumprod", "attention", "embedding", "take", "one_hot",
+        "dropout", "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
         "noise_like",  # tested in tests/test_aux.py
+        "rope",  # tested in tests/test_attention_primitives.py
         "param_count", "flop_count",  # budgets, tested in tests/test_search_space.py
         # static helpers, tested below
         "int", "round", "ceil", "floor", "round_up",

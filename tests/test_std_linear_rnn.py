@@ -219,23 +219,52 @@ def test_selective_scan_step_is_the_recurrence(batch, time, e, n):
 BLOCK_SHAPES = [(2, 5, 8, 2), (1, 1, 6, 1), (3, 4, 12, 3)]  # batch, time, D, heads
 
 
-def retnet_reference(x, W, heads, key_dim, p="RetNet"):
-    """Multi-scale retention (Sun et al. 2023), recurrent form, γ_h = 1 − 2^{−5−h};
-    y = (swish(x W_G) ⊙ GroupNorm_h(o)) W_O."""
+def qkv(x, W, p, heads, short_conv):
+    """q, k, v per head: x W, through SiLU(causal depthwise conv) with short convolutions: [B, T, heads, d] each."""
+    def branch(name):
+        y = lin(x, W, f"{p}.{name}.x_proj", False)
+        return silu(causal_depthwise_conv(y, W[f"{p}.{name}_1.conv.weight"])) if short_conv else y
+
+    return tuple(per_head(branch(n), heads) for n in "qkv")
+
+
+def rotary(t):
+    """RoPE on [B, T, heads, dk]: the halves (t₁, t₂) ↦ (t₁ cos − t₂ sin, t₂ cos + t₁ sin) at angle s θ_i,
+    θ_i = 10000^{−2i/dk}, for position s = 0, 1, …"""
+    time, dk = t.shape[1], t.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, dk, 2, dtype=DT) / dk)                   # [dk/2]
+    angle = torch.arange(time, dtype=DT)[:, None] * theta                        # [T, dk/2]
+    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]        # [T, 1, dk/2]
+    t1, t2 = t[..., :dk // 2], t[..., dk // 2:]
+    return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+
+def group_norm_per_head(o, W, name, eps=1e-5):
+    """GroupNorm with one group per head over [B, T, heads, dv], a weight and bias per channel: [B, T, heads·dv]."""
+    batch, time = o.shape[:2]
+    mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
+    return ((o - mean) / torch.sqrt(var + eps)).reshape(batch, time, -1) * W[f"{name}.weight"] + W[f"{name}.bias"]
+
+
+def retnet_reference(x, W, heads, key_dim, value_dim, paper=False, p="RetNet"):
+    """Multi-scale retention (Sun et al. 2023), recurrent form, as fla's MultiScaleRetention: q, k rotated (RoPE),
+    q scaled by dk^{−½}, γ_h = 1 − 2^{−5−h}; y = (RMSNorm_h(o) ⊙ swish(x W_G)) W_O. `paper`: no rotation or scale,
+    GroupNorm_h."""
     batch, time, d = x.shape
-    q = per_head(lin(x, W, f"{p}.q.x_proj", False), heads)
-    k = per_head(lin(x, W, f"{p}.k.x_proj", False), heads)
-    v = per_head(lin(x, W, f"{p}.v.x_proj", False), heads)
+    q, k, v = qkv(x, W, p, heads, False)
+    if not paper:
+        q, k = rotary(q) * (key_dim // heads) ** -0.5, rotary(k)
     gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(heads)], dtype=DT)[:, None, None]
-    S = torch.zeros(batch, heads, key_dim // heads, d // heads, dtype=DT)
+    S = torch.zeros(batch, heads, key_dim // heads, value_dim // heads, dtype=DT)
     outs = []
     for t in range(time):
         S = gamma * S + k[:, t, :, :, None] @ v[:, t, :, None, :]     # S_t = γ S_{t−1} + k_tᵀ v_t
         outs.append((q[:, t, :, None, :] @ S).squeeze(-2))           # o_t = q_t S_t
     o = torch.stack(outs, 1)                                          # [B, T, heads, dv]
-    mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
-    o = ((o - mean) / torch.sqrt(var + 1e-5)).reshape(batch, time, d)  # GroupNorm, one group per head
-    o = o * W[f"{p}.o_norm.norm.weight"] + W[f"{p}.o_norm.norm.bias"]
+    if paper:
+        o = group_norm_per_head(o, W, f"{p}.o_norm.norm")
+    else:
+        o = rms_norm(o, W[f"{p}.o_norm.norm.weight"], 1e-5).reshape(batch, time, value_dim)
     g = silu(lin(x, W, f"{p}.g.x_proj", False))
     return lin(g * o, W, f"{p}.y.proj", False)
 
@@ -243,23 +272,29 @@ def retnet_reference(x, W, heads, key_dim, p="RetNet"):
 @pytest.mark.parametrize("batch, time, d, heads", BLOCK_SHAPES)
 def test_retnet_equals_its_equation(batch, time, d, heads):
     model = build(wrapper(f"RetNet(x, heads={heads})", f"  input x: [B, T, {d}]"))
-    check_against(model, lambda x, W: retnet_reference(x, W, heads, d), [randn(batch, time, d, seed=1)])
+    check_against(model, lambda x, W: retnet_reference(x, W, heads, d, 2 * d), [randn(batch, time, d, seed=1)])
 
 
-def simple_gla_reference(x, W, heads, key_dim, tau=16.0, p="SimpleGLA"):
-    """γ_t = σ(x w_γ + b)^{1/τ} per head, S_t = γ_t S_{t−1} + k_tᵀ v_t, o_t = q_t S_t;
-    y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
+def test_retnet_in_the_papers_form():
+    batch, time, d, heads = 2, 5, 8, 2
+    model = build(wrapper(f'RetNet(x, heads={heads}, value_dim={d}, rotary=false, norm="group", scale=1.0)',
+                          f"  input x: [B, T, {d}]"))
+    check_against(model, lambda x, W: retnet_reference(x, W, heads, d, d, paper=True), [randn(batch, time, d, seed=3)])
+
+
+def simple_gla_reference(x, W, heads, key_dim, value_dim, tau=16.0, short_conv=True, scale=None, p="SimpleGLA"):
+    """As fla's SimpleGatedLinearAttention: q, k, v through short convolutions, q scaled by dk^{−½};
+    γ_t = σ(x w_γ + b)^{1/τ} per head, S_t = γ_t S_{t−1} + k_tᵀ v_t, o_t = q_t S_t; y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O."""
     batch, time, d = x.shape
-    q = per_head(lin(x, W, f"{p}.q.x_proj", False), heads)
-    k = per_head(lin(x, W, f"{p}.k.x_proj", False), heads)
-    v = per_head(lin(x, W, f"{p}.v.x_proj", False), heads)
+    q, k, v = qkv(x, W, p, heads, short_conv)
+    q = q * ((key_dim // heads) ** -0.5 if scale is None else scale)
     gamma = torch.sigmoid(lin(x, W, f"{p}.gamma.x_proj", True)) ** (1 / tau)   # [B, T, heads]
-    S = torch.zeros(batch, heads, key_dim // heads, d // heads, dtype=DT)
+    S = torch.zeros(batch, heads, key_dim // heads, value_dim // heads, dtype=DT)
     outs = []
     for t in range(time):
         S = gamma[:, t, :, None, None] * S + k[:, t, :, :, None] @ v[:, t, :, None, :]
         outs.append((q[:, t, :, None, :] @ S).squeeze(-2))
-    o = rms_norm(torch.stack(outs, 1), W[f"{p}.o_norm.norm.weight"], 1e-5).reshape(batch, time, d)
+    o = rms_norm(torch.stack(outs, 1), W[f"{p}.o_norm.norm.weight"], 1e-5).reshape(batch, time, value_dim)
     g = silu(lin(x, W, f"{p}.g.x_proj", False))
     return lin(o * g, W, f"{p}.y.proj", False)
 
@@ -267,22 +302,25 @@ def simple_gla_reference(x, W, heads, key_dim, tau=16.0, p="SimpleGLA"):
 @pytest.mark.parametrize("batch, time, d, heads", BLOCK_SHAPES)
 def test_simple_gla_equals_its_equation(batch, time, d, heads):
     model = build(wrapper(f"SimpleGLA(x, heads={heads})", f"  input x: [B, T, {d}]"))
-    check_against(model, lambda x, W: simple_gla_reference(x, W, heads, d), [randn(batch, time, d, seed=1)])
+    check_against(model, lambda x, W: simple_gla_reference(x, W, heads, d, d), [randn(batch, time, d, seed=1)])
 
 
-def test_simple_gla_with_other_key_dim_and_tau():
-    batch, time, d, heads, key_dim, tau = 2, 4, 6, 2, 10, 4.0
-    model = build(wrapper(f"SimpleGLA(x, heads={heads}, key_dim={key_dim}, tau={tau})", f"  input x: [B, T, {d}]"))
-    check_against(model, lambda x, W: simple_gla_reference(x, W, heads, key_dim, tau), [randn(batch, time, d, seed=3)])
+def test_simple_gla_with_other_sizes_and_tau_without_convolutions_or_scale():
+    batch, time, d, heads, key_dim, value_dim, tau = 2, 4, 6, 2, 10, 4, 4.0
+    model = build(wrapper(f"SimpleGLA(x, heads={heads}, key_dim={key_dim}, value_dim={value_dim}, tau={tau}, "
+                          "short_conv=false, scale=1.0)", f"  input x: [B, T, {d}]"))
+    check_against(model, lambda x, W: simple_gla_reference(x, W, heads, key_dim, value_dim, tau, False, 1.0),
+                  [randn(batch, time, d, seed=3)])
 
 
-def gla_reference(x, W, heads, key_dim, tau=16.0, p="GLA"):
-    """GLA (Yang et al. 2024): α_t = σ(x W¹ W² + b)^{1/τ}, S_t = diag(α_t) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t;
+def gla_reference(x, W, heads, key_dim, tau=16.0, paper=False, p="GLA"):
+    """GLA (Yang et al. 2024) as fla's GatedLinearAttention: q scaled by dk^{−½}, α_t = σ(x W¹ W² + b)^{1/τ},
+    S_t = diag(α_t) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t; y = (RMSNorm_h(o) ⊙ SiLU(x W_g)) W_O. `paper`: q unscaled,
     y = (LayerNorm_h(o) ⊙ SiLU(x W_r + b_r)) W_O."""
     batch, time, d = x.shape
-    q = per_head(lin(x, W, f"{p}.q.x_proj", False), heads)
-    k = per_head(lin(x, W, f"{p}.k.x_proj", False), heads)
-    v = per_head(lin(x, W, f"{p}.v.x_proj", False), heads)
+    q, k, v = qkv(x, W, p, heads, False)
+    if not paper:
+        q = q * (key_dim // heads) ** -0.5
     low_rank = W[f"{p}.alpha.x_proj.weight"].T @ W[f"{p}.alpha.proj.weight"].T          # W¹ W²: [D, dk]
     alpha = per_head(torch.sigmoid(x @ low_rank + W[f"{p}.alpha.proj.bias"]) ** (1 / tau), heads)
     S = torch.zeros(batch, heads, key_dim // heads, d // heads, dtype=DT)
@@ -290,9 +328,13 @@ def gla_reference(x, W, heads, key_dim, tau=16.0, p="GLA"):
     for t in range(time):
         S = torch.diag_embed(alpha[:, t]) @ S + k[:, t, :, :, None] @ v[:, t, :, None, :]
         outs.append((q[:, t, :, None, :] @ S).squeeze(-2))
-    o = layer_norm(torch.stack(outs, 1), W[f"{p}.o_norm.norm.weight"], W[f"{p}.o_norm.norm.bias"], 1e-5)
-    r = silu(lin(x, W, f"{p}.r.x_proj", True))
-    return lin(o.reshape(batch, time, d) * r, W, f"{p}.y.proj", False)
+    o = torch.stack(outs, 1)
+    if paper:
+        o = layer_norm(o, W[f"{p}.o_norm.norm.weight"], W[f"{p}.o_norm.norm.bias"], 1e-5)
+    else:
+        o = rms_norm(o, W[f"{p}.o_norm.norm.weight"], 1e-5)
+    g = silu(lin(x, W, f"{p}.g.x_proj", paper))
+    return lin(o.reshape(batch, time, d) * g, W, f"{p}.y.proj", False)
 
 
 @pytest.mark.parametrize("batch, time, d, heads", BLOCK_SHAPES)
@@ -306,6 +348,12 @@ def test_gla_with_other_key_dim_rank_and_tau():
     model = build(wrapper(f"GLA(x, heads={heads}, key_dim={key_dim}, rank=3, tau={tau})", f"  input x: [B, T, {d}]"))
     assert model.get_parameter("GLA.alpha.x_proj.weight").shape == (3, d)
     check_against(model, lambda x, W: gla_reference(x, W, heads, key_dim, tau), [randn(batch, time, d, seed=2)])
+
+
+def test_gla_in_the_papers_form():
+    batch, time, d, heads = 2, 5, 8, 2
+    model = build(wrapper(f'GLA(x, heads={heads}, norm="layer", gate_bias=true, scale=1.0)', f"  input x: [B, T, {d}]"))
+    check_against(model, lambda x, W: gla_reference(x, W, heads, d // 2, paper=True), [randn(batch, time, d, seed=3)])
 
 
 def gated_deltanet_reference(x, W, heads, head_dim=None, v_heads=None, v_head_dim=None, norm_eps=1e-5, gate=True,
@@ -409,7 +457,7 @@ def test_hgrn_stack_lower_bounds_start_at_zero_and_rise():
 
 
 def mamba_reference(x, W, state_size, conv, p="Mamba"):
-    """Mamba (Gu & Dao 2023) with Mamba's own A_log = (the spec's A_log) + log n:
+    """Mamba (Gu & Dao 2023), A_log stored as MambaMixer stores it:
     u = SiLU(conv(x W_u)), z = x W_z, Δ = softplus(u W¹ W² + b), B = u W_B, C = u W_C, A = −exp(A_log);
     h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t, y_t = C_t h_t + D u_t; out = (y ⊙ SiLU(z)) W_out."""
     batch, time, _ = x.shape
@@ -418,8 +466,7 @@ def mamba_reference(x, W, state_size, conv, p="Mamba"):
     z = lin(x, W, f"{p}.z.x_proj", False)
     dt = F.softplus(lin(lin(u, W, f"{p}.dt.u_proj", False), W, f"{p}.dt.proj", True))      # [B, T, E]
     B, C = lin(u, W, f"{p}.B_t.u_proj", False), lin(u, W, f"{p}.C_t.u_proj", False)          # [B, T, N]
-    A_log = W[f"{p}.A_log"] + torch.log(torch.arange(1, state_size + 1, dtype=DT))          # Mamba's A_log
-    A = -torch.exp(A_log)                                                                    # [E, N]
+    A = -torch.exp(W[f"{p}.A_log"])                                                          # [E, N]
     h = torch.zeros(batch, u.shape[-1], state_size, dtype=DT)
     ys = []
     for t in range(time):
@@ -440,15 +487,15 @@ def test_mamba_equals_its_equation(batch, time, d, state_size, expand, conv):
 
 
 def test_mamba_initialisation():
-    """At init: the S4D-real A_n = −n, D = 1, and Δ = softplus(b) with b in [log 0.001, log 0.1]."""
+    """At init: the S4D-real A_n = −n, D = 1, and Δ = softplus(b) in [0.001, 0.1] (tests/test_mamba_vs_transformers.py
+    compares every parameter's init with MambaMixer's)."""
     n, d, expand = 5, 4, 2
     model = gatedsl.compile(wrapper(f"Mamba(x, state_size={n}, expand={expand})", f"  input x: [B, T, {d}]"))
-    A_log = model.get_parameter("Mamba.A_log")
-    A = -torch.exp(A_log + torch.log(torch.arange(1, n + 1, dtype=torch.float32)))   # Mamba's A
+    A = -torch.exp(model.get_parameter("Mamba.A_log"))
     torch.testing.assert_close(A, -torch.arange(1, n + 1, dtype=torch.float32).expand(expand * d, n))
     assert torch.equal(model.get_parameter("Mamba.D_skip"), torch.ones(expand * d))
-    bias = model.get_parameter("Mamba.dt.proj.bias")
-    assert bias.min() >= math.log(0.001) and bias.max() <= math.log(0.1)
+    dt = F.softplus(model.get_parameter("Mamba.dt.proj.bias"))
+    assert dt.min() >= 0.001 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
 
 
 def gam_reference(x, W, p="GatedAssociativeMemory"):
@@ -480,7 +527,7 @@ def test_gated_associative_memory_bank_is_xavier_uniform():
     ("GLA(x, heads=2)", lambda x, W: gla_reference(x, W, 2, 4)),
     ("GatedDeltaNet(x, heads=2)", lambda x, W: gated_deltanet_reference(x, W, 2)),
     ("Mamba(x, state_size=3)", lambda x, W: mamba_reference(x, W, 3, 4)),
-    ("RetNet(x, heads=4)", lambda x, W: retnet_reference(x, W, 4, 8)),
+    ("RetNet(x, heads=4)", lambda x, W: retnet_reference(x, W, 4, 8, 16)),
 ])
 def test_blocks_scan_the_callers_time_axis_under_any_name_with_extra_batch_dims(call, reference):
     """x: [N, C, L, 8]: the block's `*` is [N, C] and its T is the caller's L; the same as [N·C, L, 8]."""
@@ -502,19 +549,18 @@ def _count(call: str, d: int) -> int:
 
 @pytest.mark.parametrize("d, heads, key_dim", [(8, 2, 8), (12, 3, 6), (16, 1, 4)])
 def test_retnet_and_simple_gla_parameter_counts(d, heads, key_dim):
-    # RetNet: W_Q, W_K (D x dk), W_V, W_G, W_O (D x D), GroupNorm weight and bias (D each)
-    assert _count(f"RetNet(x, heads={heads}, key_dim={key_dim})", d) == 2 * d * key_dim + 3 * d * d + 2 * d
-    # Simple GLA: W_Q, W_K, W_V, W_g, W_O, w_γ (D x heads) + b_γ (heads), RMSNorm weight (dv = D/heads)
+    # RetNet: W_Q, W_K (D x dk), W_V, W_G (D x 2D), W_O (2D x D), RMSNorm weight (dv = 2D/heads)
+    assert _count(f"RetNet(x, heads={heads}, key_dim={key_dim})", d) == 2 * d * key_dim + 6 * d * d + 2 * d // heads
+    # Simple GLA: W_Q, W_K (D x dk), W_V, W_g, W_O (D x D), the convolutions of width 4 (dk, dk, D channels),
+    # w_γ (D x heads) + b_γ (heads), RMSNorm weight (dv = D/heads)
     assert _count(f"SimpleGLA(x, heads={heads}, key_dim={key_dim})", d) == \
-        2 * d * key_dim + 3 * d * d + (d * heads + heads) + d // heads
+        2 * d * key_dim + 3 * d * d + 4 * (2 * key_dim + d) + (d * heads + heads) + d // heads
 
 
 @pytest.mark.parametrize("d, heads, key_dim, rank", [(8, 2, 4, 16), (12, 3, 6, 4), (16, 4, 16, 2)])
 def test_gla_parameter_count(d, heads, key_dim, rank):
-    # W_Q, W_K (D x dk), W_V (D x D), W¹ (D x r), W² (r x dk) + b (dk), LayerNorm (dv + dv),
-    # W_r (D x D) + b_r (D), W_O (D x D)
-    expected = 2 * d * key_dim + d * d + (d * rank + rank * key_dim + key_dim) + 2 * (d // heads) \
-        + (d * d + d) + d * d
+    # W_Q, W_K (D x dk), W_V (D x D), W¹ (D x r), W² (r x dk) + b (dk), RMSNorm (dv), W_g (D x D), W_O (D x D)
+    expected = 2 * d * key_dim + d * d + (d * rank + rank * key_dim + key_dim) + d // heads + d * d + d * d
     assert _count(f"GLA(x, heads={heads}, key_dim={key_dim}, rank={rank})", d) == expected
 
 
@@ -558,7 +604,7 @@ def test_gated_associative_memory_parameter_count(d, slots, kernel):
 @pytest.mark.parametrize("call, gates", [
     ("RetNet(x, heads=2)", {"RetNet.g": "silu"}),
     ("SimpleGLA(x, heads=2)", {"SimpleGLA.gamma": "sigmoid", "SimpleGLA.g": "silu"}),
-    ("GLA(x, heads=2)", {"GLA.alpha": "sigmoid", "GLA.r": "silu"}),
+    ("GLA(x, heads=2)", {"GLA.alpha": "sigmoid", "GLA.g": "silu"}),
     ("GatedDeltaNet(x, heads=2)", {"GatedDeltaNet.alpha": "sigmoid", "GatedDeltaNet.beta": "sigmoid",
                                    "GatedDeltaNet.g": "silu"}),
     ("HGRN(x, lb)", {"HGRN.f": "sigmoid", "HGRN.g": "silu"}),
@@ -585,7 +631,7 @@ def test_compile_json_lists_the_gates(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     listed = {g["name"]: g["kind"] for g in json.loads(out.stdout)["gates"]}
-    assert listed == {"GLA.alpha": "sigmoid", "GLA.r": "silu", "Mamba.decay": "sigmoid", "Mamba.z": "silu"}
+    assert listed == {"GLA.alpha": "sigmoid", "GLA.g": "silu", "Mamba.decay": "sigmoid", "Mamba.z": "silu"}
 
 
 # ------------------------------------------------------------------ errors

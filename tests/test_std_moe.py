@@ -219,6 +219,23 @@ def test_noisy_topk_parameters_gates_and_aux():
     assert P(gm, "NoisyTopKMoE.sd.x_proj.weight").abs().sum() == 0
 
 
+def test_noisy_topk_without_noise():
+    """noisy=false: H = x W_g in training too, no W_n, and no load loss (its estimate needs the noise)."""
+    spec = noisy_spec().replace("w_load=0.1)", "w_load=0.1, noisy=false)")
+    rep = report_of(spec)
+    assert rep.params == D * 4 + 4 * ffn_params(D, 5) and rep.aux == {"NoisyTopKMoE.importance": []}
+    gm = compile64(spec).train()
+    pre = "NoisyTopKMoE"
+
+    def reference(x):
+        h = x @ P(gm, pre + ".clean.x_proj.weight").T
+        g = softmax(torch.where(top_k_mask(h, 2), h, torch.full_like(h, -math.inf)))
+        y = sum(g[..., i:i + 1] * ffn(gm, f"{pre}.experts.{i}.expert", x) for i in range(4))
+        return [y], {pre + ".importance": 0.1 * cv_squared(g.reshape(-1, 4).sum(0))}
+
+    compare(gm, reference, [randn(2, 3, D)])
+
+
 @pytest.mark.parametrize("k, experts", [(0, 4), (4, 4)])
 def test_noisy_topk_needs_k_below_experts(k, experts):
     with pytest.raises(gatedsl.SpecError, match="0 < k < experts"):

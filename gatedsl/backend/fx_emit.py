@@ -14,7 +14,7 @@ from torch import nn
 from gatedsl.backend import runtime
 from gatedsl.ir.graph import Graph, InitSpec, ModuleSpec, ParamSpec
 from gatedsl.ir.model import ModelIR
-from gatedsl.ir.ops import cascade_stages
+from gatedsl.ir.ops import attention_groups, cascade_stages
 from gatedsl.ir.types import Sym, TensorType
 
 
@@ -114,10 +114,12 @@ def init_tensor(tensor: torch.Tensor, spec: InitSpec) -> None:
                 init.orthogonal_(tensor, gain=a[0] if a else 1.0)
             case "fan_in_uniform":
                 runtime.fan_in_uniform_(tensor, a[0])
+            case "s4d_real":
+                runtime.s4d_real_(tensor)
+            case "dt_bias":
+                runtime.dt_bias_(tensor, a[0], a[1], a[2])
             case "log_of_uniform":
                 tensor.uniform_(a[0], a[1]).log_()
-            case "inverse_softplus_log_uniform":
-                runtime.inverse_softplus_log_uniform_(tensor, a[0], a[1], a[2])
             case _:
                 raise AssertionError(f"unknown init {spec.kind}")
 
@@ -407,7 +409,7 @@ def _norm(em, data, args):
     if a.kind == "layer":
         return em.call(F.layer_norm, (args[0], (a.features,), weight, bias, a.eps), name=data["name"])
     if a.kind == "rms":
-        return em.call(F.rms_norm, (args[0], (a.features,), weight, a.eps), name=data["name"])
+        return em.call(runtime.rms_norm, (args[0], weight, a.eps, a.zero_centered), name=data["name"])
     return em.call(runtime.group_norm_last, (args[0], a.groups, weight, bias, a.eps), name=data["name"])
 
 
@@ -515,6 +517,13 @@ def _cumulative(em, data, args):
 @lowering("attention")
 def _attention(em, data, args):
     a = data["attrs"]
+    q, k = (em.ir.type_of(port) for port in data["inputs"][:2])
+    groups = attention_groups(q, k)
+    if a.lengths or a.window is not None or (a.masked and a.causal) or groups > 1:
+        mask = args[3] if a.masked else None
+        lengths = args[-1] if a.lengths else None
+        return em.call(runtime.attention, (*args[:3], mask, lengths, a.causal, a.window, a.left_padded, a.scale,
+                                           groups), name=data["name"])
     kwargs: dict[str, Any] = {"is_causal": a.causal}
     if a.masked:
         kwargs["attn_mask"] = args[3]
@@ -523,9 +532,21 @@ def _attention(em, data, args):
     return em.call(F.scaled_dot_product_attention, tuple(args[:3]), kwargs, name=data["name"])
 
 
+@lowering("rope")
+def _rope(em, data, args):
+    a = data["attrs"]
+    positions = args[1] if a.positions else None
+    return em.call(runtime.rope, (args[0], positions, a.theta, a.rotary_dim), name=data["name"])
+
+
 @lowering("embedding")
 def _embedding(em, data, args):
     return em.call(F.embedding, (args[0], em.get_attr(data["attrs"].weight)), name=data["name"])
+
+
+@lowering("take")
+def _take(em, data, args):
+    return em.call(F.embedding, (args[1], args[0]), name=data["name"])
 
 
 @lowering("one_hot")

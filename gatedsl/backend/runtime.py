@@ -224,6 +224,82 @@ def pool_channels_last(x, kind, kernel, stride, spatial):
     return y.reshape(*lead, *y.shape[1:])
 
 
+def rms_norm(x, weight, eps, zero_centered):
+    """RMSNorm over the last dim as transformers computes it: statistics in float32 at least (float64 stays float64).
+
+    Llama's form (LlamaRMSNorm) casts x / rms(x) back to x's dtype, then scales by w; the zero-centred
+    form (Qwen3NextRMSNorm) scales by 1 + w in float32 and then casts. The two differ only in half precision.
+    """
+    shape = (x.shape[-1],)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if zero_centered:
+        return F.rms_norm(x.to(compute), shape, 1 + weight.to(compute), eps).to(x.dtype)
+    if compute == x.dtype:
+        return F.rms_norm(x, shape, weight, eps)
+    normed = F.rms_norm(x.to(compute), shape, None, eps).to(x.dtype)
+    return normed if weight is None else weight * normed
+
+
+def rope(x, positions, theta, rotary_dim):
+    """Rotary position embedding of [*, T, d] on its first rotary_dim features, as transformers' Llama and Qwen3-Next.
+
+    Feature i < rotary_dim / 2 pairs with i + rotary_dim / 2 (rotate_half), turned by the angle p·θ^(−2i/rotary_dim)
+    at position p (`positions`: [T], or [B, T] with B the first dim of x; None: 0..T-1). The angles, cosines and
+    sines are computed in float32 and then cast to x's dtype, as transformers does, so a float64 model reproduces
+    a transformers model's numbers.
+    """
+    if rotary_dim == 0:
+        return x
+    steps = x.shape[-2]
+    if positions is None:
+        positions = torch.arange(steps, device=x.device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim))
+    angles = positions[..., None].float() * inv_freq
+    if positions.dim() == 2:  # [B, T, r/2] -> [B, 1, ..., 1, T, r/2]: one row of positions per sample
+        angles = angles.reshape(angles.shape[0], *(1,) * (x.dim() - 3), steps, -1)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    turned, kept = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = turned.chunk(2, dim=-1)
+    turned = turned * cos + torch.cat((-second, first), dim=-1) * sin
+    return torch.cat((turned, kept), dim=-1) if kept.shape[-1] else turned
+
+
+def attention(q, k, v, mask, lengths, causal, window, left_padded, scale, groups):
+    """Scaled dot-product attention under every mask given, together, over `groups` query heads per key/value head.
+
+    Query t may see key s where s ≤ t (causal), t − window < s (a sliding window), s is one of the sample's
+    valid keys (its first `lengths[b]`, or its last where left_padded) and `mask` holds (bool); a float `mask`
+    is added to the scores. A query that may see no key gets zeros, as torch's SDPA gives. Key/value head h
+    serves query heads h·groups to h·groups + groups − 1 (dim -3), as transformers' repeat_kv has them.
+    """
+    steps, keys = q.shape[-2], k.shape[-2]
+    kwargs = {"scale": scale} if scale is not None else {}
+    keep = None  # bool, broadcasting to the scores: true where a query may see a key
+    if causal and window is None and lengths is None and mask is None:
+        kwargs["is_causal"] = True  # SDPA's own causal mask, which its fastest kernels take
+    elif causal:
+        key_at = torch.arange(keys, device=q.device)
+        query_at = torch.arange(steps, device=q.device)[:, None]
+        keep = key_at <= query_at
+        if window is not None:
+            keep = keep & (key_at > query_at - window)
+    if lengths is not None:
+        key_at = torch.arange(keys, device=q.device)
+        valid = key_at >= keys - lengths[:, None] if left_padded else key_at < lengths[:, None]
+        valid = valid.reshape(valid.shape[0], *(1,) * (q.dim() - 2), keys)
+        keep = valid if keep is None else keep & valid
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    elif mask is not None:
+        keep = mask if keep is None else torch.where(keep, mask, float("-inf"))
+    if groups > 1 and torch.__version__ >= "2.5":
+        kwargs["enable_gqa"] = True
+    elif groups > 1:  # torch 2.4's SDPA cannot group heads
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **kwargs)
+
+
 def split_heads(x, heads):
     """[*, T, D] -> [*, heads, T, D/heads]"""
     return x.unflatten(-1, (heads, -1)).transpose(-2, -3)
@@ -259,13 +335,20 @@ def fan_in_uniform_(tensor, fan_in):
         return tensor.uniform_(-bound, bound)
 
 
-def inverse_softplus_log_uniform_(tensor, low, high, floor):
-    """Mamba's Δ bias (fla's and transformers' too): softplus⁻¹(Δ₀), Δ₀ = max(exp(U(log low, log high)), floor),
-    drawn as they draw it (torch.rand, then the same arithmetic), so one seed gives the same values."""
+def s4d_real_(tensor):
+    """log n along the last dim (n = 1..N), the S4D-real A_n = −n stored as Mamba's A_log = log(−A)."""
     with torch.no_grad():
-        u = torch.rand(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        dt = torch.exp(u * (math.log(high) - math.log(low)) + math.log(low)).clamp(min=floor)
-        return tensor.copy_(dt + torch.log(-torch.expm1(-dt)))
+        n = torch.arange(1, tensor.shape[-1] + 1, dtype=tensor.dtype, device=tensor.device)
+        return tensor.copy_(torch.log(n).expand_as(tensor))
+
+
+def dt_bias_(tensor, dt_min, dt_max, floor):
+    """softplus⁻¹(Δ₀), Δ₀ log-uniform in [dt_min, dt_max] and at least `floor`: Mamba's bias of Δ, so that
+    softplus(bias) starts at Δ₀ (as mamba_ssm and transformers' MambaMixer draw it)."""
+    with torch.no_grad():
+        log_dt = torch.rand_like(tensor) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=floor)
+        return tensor.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(y) = y + log(1 − e^{−y})
 
 
 class Noise(torch.nn.Module):

@@ -147,7 +147,7 @@ class EagerGLA(nn.Module):
 
     def load_gatedsl(self, state: dict[str, torch.Tensor]) -> None:
         for mine, theirs in (("q", "q.x_proj"), ("k", "k.x_proj"), ("v", "v.x_proj"), ("alpha_low", "alpha.x_proj"),
-                             ("alpha_up", "alpha.proj"), ("r", "r.x_proj"), ("out", "y.proj")):
+                             ("alpha_up", "alpha.proj"), ("r", "g.x_proj"), ("out", "y.proj")):
             _copy(getattr(self, mine), state, "GLA." + theirs)
         with torch.no_grad():
             self.norm.weight.copy_(state["GLA.o_norm.norm.weight"])

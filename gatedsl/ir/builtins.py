@@ -136,8 +136,8 @@ def _convert(el: Elaborating, arg: Arg, node: ast.Expr, fname: str) -> Any:
 INIT_ARITY = {
     "zeros": (0, 0), "ones": (0, 0), "constant": (1, 1), "normal": (1, 2), "uniform": (2, 2),
     "trunc_normal": (1, 1), "xavier_uniform": (0, 1), "xavier_normal": (0, 1), "kaiming_uniform": (0, 1),
-    "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1), "log_of_uniform": (2, 2),
-    "inverse_softplus_log_uniform": (2, 3),
+    "kaiming_normal": (0, 1), "orthogonal": (0, 1), "fan_in_uniform": (1, 1),
+    "s4d_real": (0, 0), "dt_bias": (2, 3), "log_of_uniform": (2, 2),
 }
 
 
@@ -169,17 +169,15 @@ def parse_init(el: Elaborating, node: ast.Expr) -> InitSpec | None:
         raise SpecTypeError("a standard deviation cannot be negative", node.span)
     if kind == "trunc_normal" and args[-1] <= 0:
         raise SpecTypeError("trunc_normal needs a positive standard deviation", node.span)
+    if kind == "dt_bias" and not (0 < args[0] <= args[1] and (len(args) == 2 or args[2] >= 0)):
+        raise SpecTypeError("dt_bias(dt_min, dt_max, floor) needs 0 < dt_min <= dt_max and floor >= 0", node.span)
+    if kind == "dt_bias" and len(args) == 2:
+        args.append(1e-4)  # Mamba's dt_init_floor
     if kind == "uniform" and args[0] > args[1]:
         raise SpecTypeError(f"uniform(a, b) needs a <= b, got uniform({args[0]:g}, {args[1]:g})", node.span)
     if kind == "log_of_uniform" and not 0 <= args[0] <= args[1]:
         raise SpecTypeError(f"log_of_uniform(a, b) needs 0 <= a <= b, got log_of_uniform({args[0]:g}, {args[1]:g})",
                             node.span)
-    if kind == "inverse_softplus_log_uniform":
-        if len(args) == 2:
-            args.append(1e-4)  # the floor on Δ₀ of Mamba, fla and transformers
-        if not 0 < args[0] <= args[1] or args[2] < 0:
-            raise SpecTypeError("inverse_softplus_log_uniform(low, high, floor) needs 0 < low <= high and floor >= 0",
-                                node.span)
     return InitSpec(kind=kind, args=tuple(args))
 
 
@@ -189,6 +187,9 @@ def _check_init(init: InitSpec | None, shape: tuple[int, ...], span: Span) -> No
                                           "orthogonal") and len(shape) < 2:
         raise SpecTypeError(f"init {init.kind} needs a tensor of at least 2 dims, and this one is {list(shape)}",
                             span, help="use normal(std), uniform(a, b), zeros, ... for a vector")
+    if init is not None and init.kind == "s4d_real" and not shape:
+        raise SpecTypeError("init s4d_real fills the last dim with log 1, log 2, ...: it needs a tensor, not a scalar",
+                            span)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -407,6 +408,8 @@ def _norm(kind: str, eps: float):
     spec = [Arg("x", "tensor"), Arg("eps", "float", eps), Arg("affine", "bool", True)]
     if kind == "group":
         spec.insert(1, Arg("groups", "int"))
+    if kind == "rms":
+        spec.append(Arg("zero_centered", "bool", False))
 
     def run(el, call, a):
         x, span = a["x"]
@@ -414,7 +417,12 @@ def _norm(kind: str, eps: float):
             raise SpecTypeError(f"{kind}_norm needs at least one dim", span)
         features = _static_size(x, x.type.rank - 1, f"{kind}_norm", span)
         path = _weights_path(el, "norm") if a["affine"][0] else None
+        zero_centered = kind == "rms" and a["zero_centered"][0]
+        if zero_centered and path is None:
+            raise SpecTypeError("a zero-centred rms_norm scales by 1 + w: it needs its weight (affine=true)",
+                                a["zero_centered"][1])
         attrs = {"kind": kind, "eps": a["eps"][0], "groups": a["groups"][0] if kind == "group" else 1,
+                 "zero_centered": zero_centered,
                  "features": features,
                  "weight": path + ".weight" if path else None,
                  "bias": path + ".bias" if path and kind != "rms" else None}
@@ -682,18 +690,48 @@ def _cumprod(el, call, a):
 
 # -------------------------------------------------------------- attention
 @builtin("attention", Arg("q", "tensor"), Arg("k", "tensor"), Arg("v", "tensor"), Arg("causal", "bool", False),
-         Arg("scale", "float?", None), Arg("mask", "tensor?", None))
+         Arg("scale", "float?", None), Arg("mask", "tensor?", None), Arg("lengths", "tensor?", None),
+         Arg("window", "int?", None), Arg("padding", "str", "right"))
 def _attention(el, call, a):
-    """Scaled dot-product attention over [*, T, d] (heads in the leading dims)."""
-    inputs = [a["q"][0], a["k"][0], a["v"][0]]
-    mask = a["mask"][0]
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise SpecTypeError("attention mask must be a tensor", a["mask"][1])
-        if a["causal"][0]:
-            raise SpecTypeError("give attention either causal=true or a mask, not both", call.span)
-        inputs.append(mask)
-    return el.add("attention", {"causal": a["causal"][0], "scale": a["scale"][0], "masked": mask is not None},
+    """Scaled dot-product attention over [*, T, d] (heads at dim -3; fewer key/value heads than query heads group)."""
+    inputs = [a["q"][0], a["k"][0], a["v"][0]] + [a[key][0] for key in ("mask", "lengths") if a[key][0] is not None]
+    window, window_span = a["window"]
+    if window is not None and window <= 0:
+        raise SpecTypeError(f"a sliding window holds at least one key, got window={window}", window_span)
+    if window is not None and not a["causal"][0]:
+        raise SpecTypeError("a sliding window (window=) is causal: give causal=true too", window_span,
+                            help="each query sees the `window` keys up to and including its own position, "
+                                 "as transformers' sliding_window")
+    padding, padding_span = a["padding"]
+    if padding not in ("right", "left"):
+        raise SpecTypeError(f'padding is "right" or "left", got "{padding}"', padding_span)
+    if padding == "left" and a["lengths"][0] is None:
+        raise SpecTypeError('padding="left" says where the padding of lengths= is: give lengths too', padding_span)
+    attrs = {"causal": a["causal"][0], "scale": a["scale"][0], "masked": a["mask"][0] is not None,
+             "lengths": a["lengths"][0] is not None, "left_padded": padding == "left", "window": window}
+    return el.add("attention", attrs, inputs, call.span)[0]
+
+
+@builtin("rope", Arg("x", "tensor"), Arg("positions", "tensor?", None), Arg("theta", "float", 10000.0),
+         Arg("rotary_dim", "int?", None))
+def _rope(el, call, a):
+    """Rotary position embedding of [*, T, d] on its first rotary_dim features (all by default)."""
+    x, span = a["x"]
+    if x.type.rank < 2:
+        raise SpecTypeError(f"rope needs [*, T, d], got {x.type}", span)
+    width = _static_size(x, x.type.rank - 1, "rope", span)
+    rotary_dim, rotary_span = a["rotary_dim"]
+    rotary_dim = width if rotary_dim is None else rotary_dim
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > width:
+        raise SpecTypeError(f"rope rotates pairs of features: rotary_dim must be even and at most d = {width}, "
+                            f"got {rotary_dim}", rotary_span)
+    if a["theta"][0] <= 0:
+        raise SpecTypeError(f"rope's base theta must be positive, got {a['theta'][0]:g}", a["theta"][1])
+    positions = a["positions"][0]
+    if rotary_dim == 0 and positions is None:
+        return x  # nothing to rotate (transformers' partial_rotary_factor rounds small heads to 0)
+    inputs = [x] + ([positions] if positions is not None else [])
+    return el.add("rope", {"theta": a["theta"][0], "rotary_dim": rotary_dim, "positions": positions is not None},
                   inputs, call.span)[0]
 
 
@@ -704,6 +742,13 @@ def _embedding(el, call, a):
     init = a["init"][0] or InitSpec(kind="normal", args=(0.0, 1.0))  # torch.nn.Embedding's default
     return el.add("embedding", {"num": a["num"][0], "dim": a["dim"][0], "weight": path + ".weight",
                                 "init": init}, [a["index"][0]], call.span, label=_label(el, path), params_at=path)[0]
+
+
+@builtin("take", Arg("table", "tensor"), Arg("index", "tensor"))
+def _take(el, call, a):
+    """Rows of a [N, D] table at int indices [*]: [*, D], an embedding read from a table the spec holds (so that
+    the same `learned` table can also be the output head: `h @ transpose(E)`, tied weights)."""
+    return el.add("take", {}, [a["table"][0], a["index"][0]], call.span)[0]
 
 
 @builtin("one_hot", Arg("index", "tensor"), Arg("num", "int"))

@@ -441,12 +441,13 @@ class NormAttrs(Attrs):
     weight: str | None
     bias: str | None
     features: int = Field(gt=0)
+    zero_centered: bool = False  # rms only: x / rms(x) ⊙ (1 + w), w starting at zeros (Qwen3-Next)
 
 
 def _norm_params(a: NormAttrs, ins):
     out = []
     if a.weight is not None:
-        out.append(ParamDecl("weight", (a.features,), InitSpec(kind="ones")))
+        out.append(ParamDecl("weight", (a.features,), InitSpec(kind="zeros" if a.zero_centered else "ones")))
     if a.bias is not None:
         out.append(ParamDecl("bias", (a.features,), InitSpec(kind="zeros")))
     return out
@@ -460,6 +461,8 @@ def _norm(a: NormAttrs, ins):
         raise ShapeError(f"{a.kind}_norm over {a.features} features, got {show_shape(x.shape)}")
     if a.kind == "group" and a.features % a.groups:
         raise ShapeError(f"group_norm: {a.features} channels do not split into {a.groups} groups")
+    if a.zero_centered and (a.kind != "rms" or a.weight is None):
+        raise ShapeError("only an affine rms_norm is zero-centred (its weight w scales by 1 + w)")
     return [x]
 
 
@@ -811,20 +814,45 @@ def _cumulative(a, ins):
 
 # ------------------------------------------------------------ attention
 class AttentionAttrs(Attrs):
+    """Scaled dot-product attention; inputs q, k, v, then the mask where `masked`, then the lengths where `lengths`.
+
+    Every mask given applies together: `causal` (key s ≤ query t), `window` (t − window < s: the
+    window's keys up to the query, as transformers' sliding_window), `lengths` (the valid keys of
+    each sample, the first `lengths[b]` or, `left_padded`, the last) and `mask` (bool: true where a
+    query may see a key; float: added to the scores).
+    """
+
     causal: bool = False
     scale: float | None = None
     masked: bool = False
+    lengths: bool = False
+    left_padded: bool = False
+    window: int | None = Field(default=None, gt=0)
+
+
+def attention_groups(q: TensorType, k: TensorType) -> int:
+    """How many query heads share each key/value head (dim -3): 1 unless the attention is grouped-query."""
+    if q.rank < 3 or k.rank < 3 or q.shape[-3] == k.shape[-3] or 1 in (q.shape[-3], k.shape[-3]):
+        return 1  # equal heads, or ones that broadcast
+    groups = dim_div(q.shape[-3], k.shape[-3])
+    if groups is None or not isinstance(groups, int):
+        raise ShapeError(f"attention: q has {q.shape[-3]} heads (dim -3) and k {k.shape[-3]}; grouped-query "
+                         f"attention needs the query heads to be a multiple of the key/value heads")
+    return groups
 
 
 def _attention_flops(a, ins, outs) -> Poly:
     q, k, v = ins[:3]
-    # QK^T and PV: 2·T·S·d each, per batch and head.
+    # QK^T and PV: 2·T·S·d each, per batch and query head (a grouped key/value head is used once per query head).
     return Poly.numel(q.shape[:-1]) * Poly.of(k.shape[-2]) * (Poly.of(q.shape[-1]) + Poly.of(v.shape[-1])) * 2
 
 
 @op("attention", AttentionAttrs, flops=_attention_flops)
 def _attention(a: AttentionAttrs, ins):
     q, k, v = ins[:3]
+    if len(ins) != 3 + a.masked + a.lengths:
+        raise ShapeError(f"attention takes q, k, v{', a mask' * a.masked}{', lengths' * a.lengths}; "
+                         f"got {len(ins)} inputs")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _float(t, "attention")
         if t.rank < 2:
@@ -833,15 +861,72 @@ def _attention(a: AttentionAttrs, ins):
         raise ShapeError(f"attention: q and k widths differ: {show_shape(q.shape)} vs {show_shape(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"attention: k and v lengths differ: {show_shape(k.shape)} vs {show_shape(v.shape)}")
-    batch = broadcast(broadcast(q.shape[:-2], k.shape[:-2]) or (), v.shape[:-2])
-    if batch is None or broadcast(q.shape[:-2], k.shape[:-2]) is None:
-        raise ShapeError(f"attention: batch dims differ: {show_shape(q.shape)}, {show_shape(k.shape)}, {show_shape(v.shape)}")
+    groups = attention_groups(q, k)
+    if groups > 1:  # grouped-query: dim -3 is the heads, q's a multiple of k's and v's
+        if v.rank < 3 or v.shape[-3] != k.shape[-3] or not q.rank == k.rank == v.rank:
+            raise ShapeError(f"attention: grouped-query attention needs k and v of one rank with q and the same "
+                             f"heads (dim -3); got {show_shape(q.shape)}, {show_shape(k.shape)}, {show_shape(v.shape)}")
+        lead = broadcast(broadcast(q.shape[:-3], k.shape[:-3]) or (), v.shape[:-3])
+        if lead is None or broadcast(q.shape[:-3], k.shape[:-3]) is None:
+            raise ShapeError(f"attention: batch dims differ: {show_shape(q.shape)}, {show_shape(k.shape)}, "
+                             f"{show_shape(v.shape)}")
+        batch = lead + (q.shape[-3],)
+    else:
+        batch = broadcast(broadcast(q.shape[:-2], k.shape[:-2]) or (), v.shape[:-2])
+        if batch is None or broadcast(q.shape[:-2], k.shape[:-2]) is None:
+            raise ShapeError(f"attention: batch dims differ: {show_shape(q.shape)}, {show_shape(k.shape)}, "
+                             f"{show_shape(v.shape)}")
     out = batch + (q.shape[-2], v.shape[-1])
     if a.masked:
         mask = ins[3]
-        if broadcast(mask.shape, batch + (q.shape[-2], k.shape[-2])) is None:
-            raise ShapeError(f"attention mask {show_shape(mask.shape)} does not broadcast to the scores")
+        if mask.dtype == "int":
+            raise ShapeError(f"an attention mask is bool (true where a query may see a key) or float (added to the "
+                             f"scores), got int {show_shape(mask.shape)}")
+        if broadcast(mask.shape, batch + (q.shape[-2], k.shape[-2])) != batch + (q.shape[-2], k.shape[-2]):
+            raise ShapeError(f"attention mask {show_shape(mask.shape)} does not broadcast to the scores "
+                             f"{show_shape(batch + (q.shape[-2], k.shape[-2]))}")
+    if a.lengths:
+        lengths = ins[-1]
+        if len(batch) < 1 or lengths.dtype != "int" or lengths.shape != batch[:1]:
+            raise ShapeError(f"attention lengths are int[B], one valid length per sample, B the first dim of the "
+                             f"scores {show_shape(batch + (q.shape[-2], k.shape[-2]))}; got {lengths}")
+    if a.window is not None and not a.causal:
+        raise ShapeError("a sliding window (window=) is causal: give causal=true too")
+    if a.left_padded and not a.lengths:
+        raise ShapeError('padding="left" says where the lengths= padding is: give lengths too')
     return [TensorType(out)]
+
+
+class RopeAttrs(Attrs):
+    """Rotary position embedding of [*, T, d] (transformers' rotate_half form) on its first `rotary_dim` features.
+
+    Inputs: x, then the int positions [T] or [B, T] (B the first dim of x) where `positions`, else 0..T-1.
+    """
+
+    theta: float = Field(gt=0)
+    rotary_dim: int = Field(ge=0)
+    positions: bool = False
+
+
+@op("rope", RopeAttrs, flops=lambda a, ins, outs: Poly.numel(ins[0].shape[:-1]) * (3 * a.rotary_dim))
+def _rope(a: RopeAttrs, ins):
+    x = ins[0]
+    _float(x, "rope")
+    if x.rank < 2:
+        raise ShapeError(f"rope needs [*, T, d], got {show_shape(x.shape)}")
+    width = x.shape[-1]
+    if a.rotary_dim % 2 or (isinstance(width, int) and a.rotary_dim > width):
+        raise ShapeError(f"rope rotates an even number of features, at most the {width} of {show_shape(x.shape)}; "
+                         f"got rotary_dim={a.rotary_dim}")
+    if len(ins) != 1 + a.positions:
+        raise ShapeError(f"rope takes x{' and positions' * a.positions}, got {len(ins)} inputs")
+    if a.positions:
+        pos = ins[1]
+        shapes = [(x.shape[-2],)] + [(x.shape[0], x.shape[-2])] * (x.rank >= 3)
+        if pos.dtype != "int" or pos.shape not in shapes:
+            raise ShapeError(f"rope positions are int[T] or int[B, T] (B the first dim of x) for x "
+                             f"{show_shape(x.shape)}; got {pos}")
+    return [x]
 
 
 # ------------------------------------------------- embedding, dropout, misc
@@ -858,6 +943,20 @@ def _embedding(a, ins):
     if idx.dtype != "int":
         raise ShapeError(f"embedding takes int indices, got {idx.dtype} {show_shape(idx.shape)}")
     return [TensorType(idx.shape + (a.dim,))]
+
+
+class TakeAttrs(Attrs):
+    pass
+
+
+@op("take", TakeAttrs)
+def _take(a, ins):
+    table, idx = ins
+    if table.rank != 2 or table.dtype != "float":
+        raise ShapeError(f"take reads rows of a float [N, D] table, got {table.dtype} {show_shape(table.shape)}")
+    if idx.dtype != "int":
+        raise ShapeError(f"take takes int indices, got {idx.dtype} {show_shape(idx.shape)}")
+    return [TensorType(idx.shape + (table.shape[1],))]
 
 
 class OneHotAttrs(Attrs):
