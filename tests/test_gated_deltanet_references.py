@@ -286,8 +286,8 @@ def test_qwen3_next_initialisation():
 
 
 def test_init_schemes_draw_as_the_references_do():
-    """One seed, the same values: A_log = log_of_uniform(0, 16) and dt_bias = inverse_softplus_log_uniform(0.001, 0.1)
-    drawn one after the other, as fla's constructor draws them (its lines of fla/layers/gated_deltanet.py, here)."""
+    """One seed, the same values: A_log from log_of_uniform(0, 16), then dt_bias from the dt_bias(0.001, 0.1) init,
+    as fla's constructor draws them one after the other (its lines of fla/layers/gated_deltanet.py, here)."""
     n, seed = 64, 3
     torch.manual_seed(seed)
     A_log = torch.log(torch.empty(n, dtype=torch.float32).uniform_(0, 16))
@@ -296,6 +296,6 @@ def test_init_schemes_draw_as_the_references_do():
     dt_bias = dt + torch.log(-torch.expm1(-dt))
     torch.manual_seed(seed)
     ours = gatedsl.compile(f"model M() {{\n  input x: [B, 1]\n  A_log = learned([{n}], init=log_of_uniform(0, 16))\n"
-                           f"  dt_bias = learned([{n}], init=inverse_softplus_log_uniform(0.001, 0.1))\n"
+                           f"  dt_bias = learned([{n}], init=dt_bias(0.001, 0.1))\n"
                            f"  output y = x + sum(A_log) + sum(dt_bias)\n}}\n")
     assert torch.equal(ours.get_parameter("A_log"), A_log) and torch.equal(ours.get_parameter("dt_bias"), dt_bias)
