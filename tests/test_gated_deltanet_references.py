@@ -283,3 +283,19 @@ def test_qwen3_next_initialisation():
                               gated_deltanet_from_qwen3_next(1, 2, N, 1).under(AT, ""))
     assert got["A_log"].exp().min() >= 0.01 and got["A_log"].exp().max() <= 16
     assert torch.equal(got["dt_bias"], torch.ones(N))
+
+
+def test_init_schemes_draw_as_the_references_do():
+    """One seed, the same values: A_log from log_of_uniform(0, 16), then dt_bias from the dt_bias(0.001, 0.1) init,
+    as fla's constructor draws them one after the other (its lines of fla/layers/gated_deltanet.py, here)."""
+    n, seed = 64, 3
+    torch.manual_seed(seed)
+    A_log = torch.log(torch.empty(n, dtype=torch.float32).uniform_(0, 16))
+    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    dt = torch.clamp(dt, min=1e-4)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    torch.manual_seed(seed)
+    ours = gatedsl.compile(f"model M() {{\n  input x: [B, 1]\n  A_log = learned([{n}], init=log_of_uniform(0, 16))\n"
+                           f"  dt_bias = learned([{n}], init=dt_bias(0.001, 0.1))\n"
+                           f"  output y = x + sum(A_log) + sum(dt_bias)\n}}\n")
+    assert torch.equal(ours.get_parameter("A_log"), A_log) and torch.equal(ours.get_parameter("dt_bias"), dt_bias)
