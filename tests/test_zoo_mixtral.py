@@ -8,8 +8,9 @@ initialisation.
 
 The reference is built from a tiny MixtralConfig with eager attention and run in float64 but for the casts
 transformers makes: MixtralRMSNorm normalises in float32, eager attention takes its softmax in float32, the
-language-modelling loss casts the logits to float32, and load_balancing_loss_func sums in float32. Values and gradients agree to float32's resolution, rtol 1e-5 and atol
-1e-6 (the observed differences are ~1e-7 relative), while a wrong weight, mask or routing moves them by far more.
+language-modelling loss casts the logits to float32, and load_balancing_loss_func sums in float32. Values and
+gradients agree to float32's resolution, rtol 1e-5 and atol 1e-6 (the observed differences are at most 6e-7 of the largest entry),
+while a wrong weight, mask or routing moves them by far more.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_right_padding_as_transformers_attention_mask(opt_level):
     the whole loss are transformers'. Causal attention keeps the real tokens from the padding after them, so the spec
     needs no mask; the padded positions' logits differ (transformers' padded queries skip the padded keys). Every
     padded query keeps a real token in its window: transformers' eager attention gives a query with none a NaN row
-    (its mask's minimum plus a negative score is -inf), which 0 · NaN carries into the real tokens of the next layer."""
+    (its mask's minimum plus a negative score is -inf), which 0 · NaN carries into the next layer's real tokens."""
     cfg = tiny(window=4)
     ref = reference(cfg)
     ours = ours_from(ref, opt_level)

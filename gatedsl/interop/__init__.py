@@ -4,5 +4,5 @@ from gatedsl.interop.mapping import (Mapping, MappingError, Rule, export_state_d
                                      rename, split, tie, transform)
 from gatedsl.interop.torch_rnn import load_torch_rnn, scanned_cells, torch_rnn_mapping
 
-__all__ = ["Mapping", "MappingError", "Rule", "rename", "split", "transform", "tie", "fill", "ignore", "load_state_dict",
-           "export_state_dict", "load_torch_rnn", "torch_rnn_mapping", "scanned_cells"]
+__all__ = ["Mapping", "MappingError", "Rule", "rename", "split", "transform", "tie", "fill", "ignore",
+           "load_state_dict", "export_state_dict", "load_torch_rnn", "torch_rnn_mapping", "scanned_cells"]

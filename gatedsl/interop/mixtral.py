@@ -1,4 +1,4 @@
-"""The mapping between transformers' MixtralForCausalLM (models/mixtral/modeling_mixtral.py) and specs/zoo/mixtral.gate."""
+"""The mapping between transformers' MixtralForCausalLM (models/mixtral/modeling_mixtral.py) and zoo/mixtral.gate."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def mixtral_from_transformers(layers: int, experts: int, *, tied: bool = False, 
     if tied:
         mapping += Mapping([tie(["model.embed_tokens.weight", "lm_head.weight"], "E")])
     else:
-        mapping += Mapping([rename("model.embed_tokens.weight", "E"), rename("lm_head.weight", "lm_head.norm_proj.weight")])
+        mapping += Mapping([rename("model.embed_tokens.weight", "E"),
+                            rename("lm_head.weight", "lm_head.norm_proj.weight")])
     attention = self_attention_from_llama()
     moe = mixtral_moe_from_transformers(experts, fused=fused)
     for i in range(layers):
