@@ -9,8 +9,8 @@ initialisation.
 The reference is built from a tiny MixtralConfig with eager attention and run in float64 but for the casts
 transformers makes: MixtralRMSNorm normalises in float32, eager attention takes its softmax in float32, the
 language-modelling loss casts the logits to float32, and load_balancing_loss_func sums in float32. Values and
-gradients agree to float32's resolution, rtol 1e-5 and atol 1e-6 (the observed differences are at most 6e-7 of the largest entry),
-while a wrong weight, mask or routing moves them by far more.
+gradients agree to float32's resolution, rtol 1e-5 and atol 1e-6 (the observed differences are at most 6e-7 of the
+largest entry), while a wrong weight, mask or routing moves them by far more.
 """
 
 from __future__ import annotations
