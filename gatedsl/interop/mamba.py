@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gatedsl.interop.mapping import Mapping, MappingError, rename, split, transform
+from gatedsl.interop.mapping import Mapping, rename, split, tie
 
 
 def mamba_from_transformers(dt_rank: int, state_size: int, *, bias: bool = False,
@@ -33,8 +33,7 @@ def mamba_lm_from_transformers(layers: int, dt_rank: int, state_size: int, *, bi
     `backbone.layers.i` its norm and a Mamba block, then norm_f; untied, lm_head is our own."""
     mapping = Mapping([rename("backbone.norm_f.weight", "norm_f.norm.weight")])
     if tied:
-        mapping += Mapping([transform(["backbone.embeddings.weight", "lm_head.weight"], "E", _one_table,
-                                      lambda ours: [ours[0], ours[0]], "tied embedding and head")])
+        mapping += Mapping([tie(["backbone.embeddings.weight", "lm_head.weight"], "E")])
     else:
         mapping += Mapping([rename("backbone.embeddings.weight", "E"),
                             rename("lm_head.weight", "lm_head.norm_f_proj.weight")])
@@ -44,10 +43,3 @@ def mamba_lm_from_transformers(layers: int, dt_rank: int, state_size: int, *, bi
         mapping += block.under(f"layers.{i}.Mamba", f"backbone.layers.{i}.mixer")
     return mapping
 
-
-def _one_table(tensors):
-    embeddings, head = tensors
-    if not (embeddings is head or embeddings.equal(head)):
-        raise MappingError("lm_head.weight differs from backbone.embeddings.weight: the checkpoint is not tied "
-                           "(compile the spec with tie_word_embeddings=false)")
-    return [embeddings]

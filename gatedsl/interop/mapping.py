@@ -94,6 +94,22 @@ def transform(ref: str | Sequence[str], ours: str | Sequence[str], to_ours: Conv
     return Rule(ref, ours, to_ours, to_ref, what)
 
 
+def tie(ref: Sequence[str], ours: str) -> Rule:
+    """Reference keys that hold one tensor (tied weights: an embedding table that is also the output head) and one
+    parameter of ours: loading refuses them unless they are equal, exporting writes it under every key."""
+    ref = tuple(ref)
+
+    def to_ours(tensors: list[Tensor]) -> list[Tensor]:
+        first = tensors[0]
+        for key, tensor in zip(ref[1:], tensors[1:]):
+            if not (tensor is first or (tensor.shape == first.shape and tensor.equal(first))):
+                raise MappingError(f"{key} differs from {ref[0]}: the checkpoint is not tied (compile the spec "
+                                   f"untied)")
+        return [first]
+
+    return Rule(ref, (ours,), to_ours, lambda tensors: tensors * len(ref), "tied", ref_shape=lambda shapes: shapes[0])
+
+
 def fill(ours: str | Sequence[str], value: float = 0.0) -> Rule:
     """Parameters of ours that the reference lacks (a bias it was built without): loading sets them to `value`, and
     exporting refuses them unless they still hold it, since the reference could not represent anything else."""
