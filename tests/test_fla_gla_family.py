@@ -6,11 +6,12 @@ The references are fla's layer classes: their projections, head layout, gate log
 weights and initialisation are fla's code. Where fla calls a Triton kernel, which cannot run on this CPU, the
 kernel is swapped by name for the plain-PyTorch form fla ships beside it (tests/fla_cpu.py lists each: the
 recurrences by fla's naive.py loops, the fused norm-and-gate by fla's rms_norm_ref, RoPE by rotary_embedding_ref,
-the short convolution by the nn.Conv1d it subclasses), and fla's casts to float32 are raised to float64, so the two
-sides agree to rounding: outputs and gradients (input and every parameter) to 1e-10 in float64, at -O0 (the spec as
-written, step by step) and -O2 (chunk-parallel linear scans). The weights are moved off fla's init first, so a
-norm weight of 1 or a bias of 0 cannot hide a misplaced tensor. GLA is also compared with fla's real
-Triton kernels, in float32, by tests/test_fla_gla_triton.py.
+the short convolution by the nn.Conv1d it subclasses), and fla's casts to float32 are raised to float64 (but for
+RoPE's angles, which fla and the `rope` primitive both take in float32), so the two sides agree to rounding:
+outputs and gradients (input and every parameter) to 1e-10 in float64, at -O0 (the spec as written, step by step)
+and -O2 (chunk-parallel linear scans). The weights are moved off fla's init first, so a norm weight of 1 or a bias
+of 0 cannot hide a misplaced tensor. GLA is also compared with fla's real Triton kernels, in float32, by
+tests/test_fla_gla_triton.py.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def build_reference(name: str, options: dict, seed: int = 0):
 def run_reference(ref, x, lower):
     from fla_cpu import Float64
 
+    if hasattr(ref, "rotary"):  # its angles in float32, as fla computes them whatever the model's dtype (and `rope`)
+        ref.rotary._update_cos_sin_cache(x.shape[1], device=x.device, dtype=x.dtype)
     with Float64():
         if lower is None:
             return ref(x)[0]

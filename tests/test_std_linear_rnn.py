@@ -230,11 +230,12 @@ def qkv(x, W, p, heads, short_conv):
 
 def rotary(t):
     """RoPE on [B, T, heads, dk]: the halves (t₁, t₂) ↦ (t₁ cos − t₂ sin, t₂ cos + t₁ sin) at angle s θ_i,
-    θ_i = 10000^{−2i/dk}, for position s = 0, 1, …"""
+    θ_i = 10000^{−2i/dk}, for position s = 0, 1, …; the angles, cosines and sines in float32, as fla's
+    RotaryEmbedding computes them (whatever the model's dtype)."""
     time, dk = t.shape[1], t.shape[-1]
-    theta = 10000.0 ** (-torch.arange(0, dk, 2, dtype=DT) / dk)                   # [dk/2]
-    angle = torch.arange(time, dtype=DT)[:, None] * theta                        # [T, dk/2]
-    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]        # [T, 1, dk/2]
+    theta = 1.0 / 10000.0 ** (torch.arange(0, dk, 2, dtype=torch.float32) / dk)  # [dk/2]
+    angle = torch.arange(time, dtype=torch.float32)[:, None] * theta             # [T, dk/2]
+    cos, sin = (f(angle).to(DT)[:, None, :] for f in (torch.cos, torch.sin))     # [T, 1, dk/2]
     t1, t2 = t[..., :dk // 2], t[..., dk // 2:]
     return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
 

@@ -65,7 +65,7 @@ def simple_gla_from_fla(short_conv: bool = True, conv_bias: bool = False, fused_
 def retnet_from_fla(short_conv: bool = False, conv_bias: bool = False, output_gate: bool = True,
                     fused_norm: bool = True) -> Mapping:
     """std.linear_rnn's RetNet (norm="rms") from fla's MultiScaleRetention: q/k/v_proj, g_proj, the per-head norm
-    and o_proj (its rotary frequencies are a buffer outside the state dict, recomputed here from `base`)."""
+    and o_proj (its rotary frequencies are a buffer outside the state dict, recomputed by `rope` from `base`)."""
     return Mapping([
         rename("q_proj.weight", "q.x_proj.weight"),
         rename("k_proj.weight", "k.x_proj.weight"),
