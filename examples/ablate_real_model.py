@@ -11,7 +11,7 @@ curves are printed side by side and drawn to examples/ablate_real_model.png. The
 weights go back into a Qwen3NextForCausalLM (transformers has no Qwen3-Next without the gate, so the changed
 model cannot go back there), which loads them strictly and computes the same logits.
 
-    python examples/ablate_real_model.py            # about 3 minutes on a 2-core CPU
+    python examples/ablate_real_model.py            # under 3 minutes of CPU time (one thread)
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def draw(curves: dict[str, list[float]], names: dict[str, str], every: int, path
                   for i in range(len(losses))]
         ax.plot(range(1, len(losses) + 1), smooth, label=names[gate])
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel(f"train loss (nats per character, mean of {every} steps)")
-    ax.set_title("Qwen3-Next with and without its attention output gate (specs/zoo/qwen3_next.gate)")
+    ax.set_ylabel(f"train loss, nats/char (mean of {every} steps)")
+    ax.set_title("Qwen3-Next with and without its attention output gate", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
