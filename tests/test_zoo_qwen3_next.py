@@ -87,7 +87,7 @@ def reference(cfg: Qwen3NextConfig) -> Qwen3NextForCausalLM:
 
 
 def lm_loss(logits, ids):
-    """Next-token cross-entropy, as transformers' ForCausalMLoss computes it (labels = input_ids, shifted)."""
+    """Next-token cross-entropy, as transformers' ForCausalLMLoss computes it (labels = input_ids, shifted)."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
@@ -180,7 +180,8 @@ def test_the_attention_gate_switched_off_on_import(monkeypatch):
 def test_a_checkpoint_of_another_width_is_refused_by_key_and_shapes():
     ours = gatedsl.compile(SPEC, params_of(config()), opt_level=0)
     wider = Qwen3NextForCausalLM(config(hidden_size=24))
-    with pytest.raises(MappingError, match=r"model\.norm\.weight is \[24\], but the spec's norm\.norm\.weight is \[16\]"):
+    shapes = r"model\.norm\.weight is \[24\], but the spec's norm\.norm\.weight is \[16\]"
+    with pytest.raises(MappingError, match=shapes):
         load_state_dict(ours, wider, mapping_of(config()))
 
 

@@ -34,7 +34,8 @@ def qwen3_next_from_transformers(layers: int, *, heads: int, head_dim: int, line
         mapping += Mapping([transform(["model.embed_tokens.weight", "lm_head.weight"], "E", _one_table,
                                       lambda ours: [ours[0], ours[0]], "tied embedding and head")])
     else:
-        mapping += Mapping([rename("model.embed_tokens.weight", "E"), rename("lm_head.weight", "lm_head.norm_proj.weight")])
+        mapping += Mapping([rename("model.embed_tokens.weight", "E"),
+                            rename("lm_head.weight", "lm_head.norm_proj.weight")])
     attention = (gated_attention_from_qwen3_next(bias=bias) if attention_gate == "elementwise"
                  else _without_the_gate(gated_attention_from_qwen3_next(gate="none", bias=bias), heads, head_dim))
     delta_net = gated_deltanet_from_qwen3_next(linear_key_heads, linear_key_head_dim, linear_value_heads,
