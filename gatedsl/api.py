@@ -85,7 +85,7 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 def analyse(spec: str | Path | Program, params: dict[str, Any] | None = None, *, model: str | None = None,
             max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
-            standalone: bool = False, max_file_size: int | None = None) -> ModelIR:
+            standalone: bool = False, max_file_size: int | None = None, max_ops: int | None = None) -> ModelIR:
     """Run the whole pipeline (the optimisations up to `opt_level`) and return the compilation unit.
 
     `target` (device, dtype, training) is what the kernel choices in the report are made for;
@@ -97,7 +97,11 @@ def analyse(spec: str | Path | Program, params: dict[str, Any] | None = None, *,
     if target.device not in _DEVICES or target.dtype not in _DTYPES:
         raise ValueError(f"target device must be one of {_DEVICES} and dtype one of {_DTYPES}, got {target}")
     program = load(spec, max_file_size=max_file_size)
-    limits = Limits() if max_params is None else Limits(max_params=max_params)
+    limits = Limits()
+    if max_params is not None:
+        limits.max_params = max_params
+    if max_ops is not None:
+        limits.max_nodes = max_ops
     unit = ModelIR(program, pick_model(program, model), dict(params or {}), limits, opt_level=opt_level,
                    target=target, standalone=standalone)
     return run_pipeline(unit)
@@ -155,15 +159,16 @@ def report(unit: ModelIR, dims: dict[str, int] | None = None) -> Report:
 
 def check(spec: str | Path | Program, params: dict[str, Any] | None = None, *, model: str | None = None,
           max_params: int | None = None, dims: dict[str, int] | None = None,
-          opt_level: int = MAX_OPT_LEVEL, target: Target | None = None, max_file_size: int | None = None) -> Report:
+          opt_level: int = MAX_OPT_LEVEL, target: Target | None = None, max_file_size: int | None = None,
+          max_ops: int | None = None) -> Report:
     """Validate a spec and report its shapes, parameter count, FLOPs, gates and kernels, allocating no weights."""
     return report(analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target,
-                          max_file_size=max_file_size), dims)
+                          max_file_size=max_file_size, max_ops=max_ops), dims)
 
 
 def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: str | None = None,
             max_params: int | None = None, opt_level: int = MAX_OPT_LEVEL, target: Target | None = None,
-            standalone: bool = False, max_file_size: int | None = None):
+            standalone: bool = False, max_file_size: int | None = None, max_ops: int | None = None):
     """Compile a spec to a trainable torch.fx.GraphModule; opt_level 0 (-O0) skips every optimisation, 2 (default) runs all.
 
     Every level computes the same function with the same state_dict keys and shapes, so checkpoints move between them.
@@ -172,7 +177,7 @@ def compile(spec: str | Path, params: dict[str, Any] | None = None, *, model: st
     gatedsl.backend.export.export_standalone can write the module as code that needs only torch.
     """
     unit = analyse(spec, params, model=model, max_params=max_params, opt_level=opt_level, target=target,
-                   standalone=standalone, max_file_size=max_file_size)
+                   standalone=standalone, max_file_size=max_file_size, max_ops=max_ops)
     from gatedsl.backend.fx_emit import emit  # torch is imported only when compiling
 
     gm = emit(unit)

@@ -406,3 +406,18 @@ def test_max_file_size_option(spec, capsys):
         f"{spec}:1:1: error: {spec} is {size} bytes, more than {size - 1}, the limit for a spec file"
     assert main(["check", str(spec), "--max-file-size", "0"]) == 2
     assert "--max-file-size: needs a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_max_ops_sets_the_expansion_limit(tmp_path, capsys):
+    """--max-ops (max_ops= in Python) moves the limit on how far a spec may expand: a model the default refuses
+    checks with it raised, and a small one is refused with it lowered, the error saying how to raise it."""
+    spec = tmp_path / "wide.gate"
+    spec.write_text("model M() {\n  input x: [B, 4]\n  h = x\n  repeat 120000 { h = h + x }\n  output y = h\n}\n")
+    assert main(["check", str(spec), "-O0"]) == 1
+    out = capsys.readouterr().err
+    assert "the model expands to more than 200000 operations" in out and "--max-ops" in out
+    assert main(["check", str(spec), "-O0", "--max-ops", "300000"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(Path(__file__).resolve().parents[1] / "specs" / "forecaster.gate"), "--max-ops", "10"]) == 1
+    assert "the model expands to more than 10 operations" in capsys.readouterr().err
+    assert main(["check", str(spec), "--max-ops", "0"]) == 2

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="the model to use when the file defines several")
         p.add_argument("--max-params", type=int, default=None, metavar="N",
                        help="reject models with more learned elements than this (default 2**31)")
+        p.add_argument("--max-ops", type=positive_int, default=None, metavar="N",
+                       help="reject models that expand to more operations than this (default 200,000)")
         p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
                        help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
         p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
@@ -129,7 +131,7 @@ def _check(args) -> int:
                 print(f"{file}: ok: {library}")
                 continue
             rep = check(program, params, model=args.model, max_params=args.max_params, dims=sizes,
-                        opt_level=args.opt_level, max_file_size=args.max_file_size)
+                        opt_level=args.opt_level, max_file_size=args.max_file_size, max_ops=args.max_ops)
             check_dims(sizes, list(rep.sizes), rep.model)
         except OverrideError:  # the command line's mistake, not this file's: a usage error
             raise
@@ -166,7 +168,7 @@ def _compile(args) -> int:
     sizes = dims(args.dim)
     unit = analyse(path, pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
                    opt_level=args.opt_level, target=target, standalone=bool(args.output),
-                   max_file_size=args.max_file_size)
+                   max_file_size=args.max_file_size, max_ops=args.max_ops)
     rep = report(unit, sizes)
     check_dims(sizes, list(rep.sizes), rep.model)
     from gatedsl.backend.fx_emit import emit
@@ -204,7 +206,7 @@ def _graph(args) -> int:
         raise UsageError(f"graph writes .dot, .svg or .png, got {out.name}")
     sizes = dims(args.dim)
     unit = analyse(path, pairs(args.param, "-p"), model=args.model, max_params=args.max_params,
-                   opt_level=args.opt_level, max_file_size=args.max_file_size)
+                   opt_level=args.opt_level, max_file_size=args.max_file_size, max_ops=args.max_ops)
     check_dims(sizes, symbolic_sizes(unit), unit.model.name)  # the drawing has no use for them, but a typo is one
     try:
         write_graph(unit, out)

@@ -73,7 +73,8 @@ class Elaborator:
             raise LimitError(
                 f"the model expands to more than {self.limits.max_nodes} operations",
                 span,
-                help="a repeat count or a nesting is larger than intended",
+                help="a repeat count or a nesting is larger than intended (--max-ops, or max_ops= in Python, raises the "
+                     "limit)",
             )
 
     def unique(self, prefix: str, base: str) -> str:
