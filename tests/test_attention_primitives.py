@@ -21,27 +21,32 @@ import gatedsl
 from gatedsl import SpecError
 
 transformers = pytest.importorskip("transformers")
-from transformers import Qwen3NextConfig  # noqa: E402
+from transformers import LlamaConfig, Qwen3NextConfig  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
     sdpa_mask,
     sliding_window_causal_mask_function,
 )
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, repeat_kv  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope  # noqa: E402
-from transformers.models.llama.modeling_llama import repeat_kv  # noqa: E402
 from transformers.models.qwen3_next.modeling_qwen3_next import (  # noqa: E402
     Qwen3NextRMSNorm,
     Qwen3NextRotaryEmbedding,
 )
 from transformers.models.qwen3_next.modeling_qwen3_next import apply_rotary_pos_emb as partial_rope  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 EXACT = dict(atol=1e-12, rtol=1e-12)  # float64 against float64: the same products, at most summed in another order
 
 
 # -------------------------------------------------------------------- rope
-def _rotary(head_dim: int, factor: float, theta: float) -> Qwen3NextRotaryEmbedding:
-    """transformers' rotary module for heads of head_dim features, partial_rotary_factor `factor`, base θ."""
+def _llama_rotary(head_dim: int, theta: float) -> LlamaRotaryEmbedding:
+    """Llama's rotary module for heads of head_dim features, base θ."""
+    return LlamaRotaryEmbedding(LlamaConfig(head_dim=head_dim, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": theta}))
+
+
+def _qwen3_next_rotary(head_dim: int, factor: float, theta: float) -> Qwen3NextRotaryEmbedding:
+    """Qwen3-Next's rotary module for heads of head_dim features, partial_rotary_factor `factor`, base θ."""
     config = Qwen3NextConfig(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": theta,
                                                                   "partial_rotary_factor": factor})
     return Qwen3NextRotaryEmbedding(config)
@@ -77,7 +82,7 @@ def test_full_rope_equals_transformers_llama(positions, theta):
         decls, args, inputs = decls + ["p: int[B, T]"], "p, ", inputs + [pos]
 
     def ref(gm, x, *given):
-        cos, sin = _rotary(d, 1.0, theta)(x, pos)
+        cos, sin = _llama_rotary(d, theta)(x, pos)
         return llama_rope(x, x, cos, sin)[0]
 
     check(model(f"output y = rope(x, {args}theta={theta})", *decls), inputs, ref, atol=0, rtol=0)
@@ -93,7 +98,7 @@ def test_partial_rope_equals_transformers_qwen3_next(factor):
     pos = ints(B, T, high=1000, seed=2)
 
     def ref(gm, x, p):
-        cos, sin = _rotary(d, factor, 10000.0)(x, p)
+        cos, sin = _qwen3_next_rotary(d, factor, 10000.0)(x, p)
         assert cos.shape[-1] == rotary_dim
         return partial_rope(x, x, cos, sin)[0]
 

@@ -337,12 +337,12 @@ def caret_column(rendered_lines: list[str], index: int) -> int:
 
 
 def test_render_header_source_line_and_caret():
-    text = model("input x: [B, 4]", "h = linear(x, 8)", "output y = tanh(h) * nope")
+    text = model("input x: [B, 4]", "h = linear(x, 8)", "output y = tanh(h) * nada")  # no name is close to it
     err = spec_error(text)
     assert (err.line, err.column) == (4, 24)
     lines = err.render().splitlines()
-    assert lines[0] == "<string>:4:24: error: unknown name 'nope'"
-    assert lines[1] == "   4 |   output y = tanh(h) * nope"
+    assert lines[0] == "<string>:4:24: error: unknown name 'nada'"
+    assert lines[1] == "   4 |   output y = tanh(h) * nada"
     assert lines[2] == "     |                        ^~~~"
     assert caret_column(lines, 2) == err.column
     assert len(lines) == 3  # nothing close to suggest, no notes

@@ -142,7 +142,8 @@ def qwen3_next_config(kv_heads=2, head_dim=8, factor=0.25, theta=10000.0, implem
                                                             (1, 4, 1.0, 10000.0), (2, 16, 0.25, 10000.0)])
 def test_gated_attention_is_qwen3_next_attention(kv_heads, head_dim, factor, theta):
     ref = randomize(Qwen3NextAttention(qwen3_next_config(kv_heads, head_dim, factor, theta), 0).double())
-    call = f"gated_attention(x, heads=4, kv_heads={kv_heads}, head_dim={head_dim}, partial_rotary={factor}, theta={theta})"
+    call = (f"gated_attention(x, heads=4, kv_heads={kv_heads}, head_dim={head_dim}, partial_rotary={factor}, "
+            f"theta={theta})")
     compare_both_ways(ours(call), ref, gated_attention_from_qwen3_next().under("gated_attention", ""), FLOAT32_INSIDE)
 
 
@@ -237,9 +238,10 @@ def test_default_initialisation_is_transformers():
     weights (Qwen3-Next) and set the others' to ones; the blocks do the same by default."""
     mixtral = MixtralModel(MixtralConfig(vocab_size=8, hidden_size=128, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
-    qwen = Qwen3NextModel(Qwen3NextConfig(vocab_size=8, hidden_size=128, num_hidden_layers=1, layer_types=["full_attention"],
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=2,
-                                          moe_intermediate_size=8, shared_expert_intermediate_size=8))
+    qwen = Qwen3NextModel(Qwen3NextConfig(vocab_size=8, hidden_size=128, num_hidden_layers=1,
+                                          layer_types=["full_attention"], num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=32, num_experts=2, moe_intermediate_size=8,
+                                          shared_expert_intermediate_size=8))
     torch.manual_seed(0)
     spec = ("import std.attention\nmodel M() {\n  input x: [B, T, 128]\n"
             "  output y = self_attention(x, heads=4, kv_heads=2) + gated_attention(x, heads=4, kv_heads=2, head_dim=32)"
@@ -261,7 +263,8 @@ def test_default_initialisation_is_transformers():
     ("gated_attention(x, heads=4, kv_heads=3)", "kv_heads must divide heads"),
     ("gated_attention(x, heads=3)", r"heads must divide D \(or give head_dim\)"),
     ("gated_attention(x, heads=4, partial_rotary=1.5)", "partial_rotary is the fraction of each head RoPE turns"),
-    ('gated_attention(x, heads=4, gate="sigmoid")', r"'gate' must be one of \{elementwise, headwise, none\}, got sigmoid"),
+    ('gated_attention(x, heads=4, gate="sigmoid")',
+     r"'gate' must be one of \{elementwise, headwise, none\}, got sigmoid"),
     ("self_attention(x, heads=4, kv_heads=8)", "kv_heads must divide heads"),
     ("self_attention(x, heads=5)", r"heads must divide D \(or give head_dim\)"),
     ("self_attention(x, heads=4, window=-1)", "head_dim and window are sizes"),
