@@ -13,7 +13,6 @@ by 1e-2 or more.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -22,6 +21,7 @@ import torch
 import gatedsl
 from gatedsl.interop.mamba import mamba_from_transformers
 from gatedsl.interop.mapping import export_state_dict, load_state_dict
+from transformers_reference import grads_in_ref_layout, ks_distance, use_torch_paths
 
 transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig  # noqa: E402
@@ -32,23 +32,10 @@ KERNELS = ("mamba_inner_fn", "mamba_selective_scan", "mamba_selective_state_upda
            "causal_conv1d_update")
 
 
-def torch_function(fn):
-    """The plain-PyTorch function behind transformers' kernel wrappers: the `kernels` package's Func module (its
-    forward closes over the function), around use_kernel_func_from_hub_with_fallback's functools.wraps wrapper."""
-    forward = getattr(type(fn), "forward", None)
-    if forward is not None and forward.__closure__:
-        fn = dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__)))["func"]
-    return getattr(fn, "__wrapped__", fn)
-
-
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
     """MambaMixer's plain-PyTorch path, never mamba_ssm's or causal_conv1d's kernels."""
-    for name in KERNELS:
-        fn = torch_function(getattr(modeling_mamba, name))
-        # The module's own function, with no kernel to dispatch to.
-        assert fn.__code__.co_filename == modeling_mamba.__file__ and not fn.__code__.co_freevars, name
-        monkeypatch.setattr(modeling_mamba, name, fn)
+    use_torch_paths(monkeypatch, modeling_mamba, KERNELS)
 
 
 def spec(d: int, **params) -> str:
@@ -71,15 +58,6 @@ def mapping(cfg: MambaConfig):
     """The block's mapping, placed at the model's one Mamba instance."""
     return mamba_from_transformers(cfg.time_step_rank, cfg.state_size, bias=cfg.use_bias,
                                    conv_bias=cfg.use_conv_bias).under("Mamba", "")
-
-
-def grads_in_ref_layout(model, mapping_):
-    """Our parameters' gradients, laid out as the reference's state dict (through the mapping's export)."""
-    grads = copy.deepcopy(model)
-    with torch.no_grad():
-        for g, p in zip(grads.parameters(), model.parameters()):
-            g.copy_(p.grad)
-    return export_state_dict(grads, mapping_)
 
 
 CASES = [
@@ -122,15 +100,6 @@ def test_mamba_equals_transformers_mixer(case, opt_level):
     back = reference(cfg).double().eval()
     back.load_state_dict(export_state_dict(ours, m), strict=True)
     torch.testing.assert_close(back(x), y_ref.detach(), rtol=0, atol=0)
-
-
-def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The two-sample Kolmogorov–Smirnov statistic: the largest gap between the empirical CDFs."""
-    a, b = a.flatten().double().sort().values, b.flatten().double().sort().values
-    points = torch.cat([a, b])
-    cdf_a = torch.searchsorted(a, points, right=True) / a.numel()
-    cdf_b = torch.searchsorted(b, points, right=True) / b.numel()
-    return float((cdf_a - cdf_b).abs().max())
 
 
 @pytest.mark.parametrize("dt_init", ["random", "constant"])

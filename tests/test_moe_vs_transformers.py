@@ -26,7 +26,7 @@ from gatedsl.interop.moe import mixtral_moe_from_transformers, qwen3_next_moe_fr
 from gatedsl.ir.ops import moe_experts
 from gatedsl.kernels import registry
 from gatedsl.kernels.moe_dispatch import routed
-from test_mamba_vs_transformers import ks_distance
+from transformers_reference import ks_distance
 
 transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402

@@ -10,7 +10,6 @@ float32's resolution, rtol 1e-5 and atol 1e-6 (the observed differences are ~1e-
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 import gatedsl
 from gatedsl.interop.mamba import mamba_lm_from_transformers
 from gatedsl.interop.mapping import MappingError, export_state_dict, load_state_dict
-from test_mamba_vs_transformers import ks_distance, torch_path  # noqa: F401 (an autouse fixture)
+from test_mamba_vs_transformers import torch_path  # noqa: F401 (an autouse fixture)
+from transformers_reference import assert_same_grads, ks_distance
 
 transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
@@ -82,14 +82,7 @@ def test_mamba_lm_equals_transformers(tied, extra, opt_level):
     torch.testing.assert_close(loss, out.loss.double(), **TOL)
     loss.backward()
     out.loss.backward()
-    grads = copy.deepcopy(ours)
-    with torch.no_grad():
-        for g, p in zip(grads.parameters(), ours.parameters()):
-            g.copy_(p.grad)
-    got = export_state_dict(grads, mapping)
-    for name, p in ref.named_parameters():  # a tied table once: the sum of its embedding's and head's gradients
-        assert p.grad.abs().sum() > 0, name
-        torch.testing.assert_close(got[name], p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_grads(ours, ref, mapping, **TOL)
 
     back = MambaForCausalLM(cfg).double().eval()
     back.load_state_dict(export_state_dict(ours, mapping), strict=True)

@@ -7,7 +7,7 @@ The reference is built from a tiny random Qwen3NextConfig with 4 layers (3 gated
 decoder_sparse_step=2: dense MLPs on layers 0 and 2, the shared-expert mixture on 1 and 3), eager attention and the
 experts' eager loop, and runs on its torch path: the modeling file's kernel entry points (the gated delta rule's
 chunked and recurrent forms, the causal convolution) are put back to the plain-PyTorch functions they wrap
-(test_mamba_vs_transformers.torch_function), so neither fla nor causal_conv1d runs, whatever is installed.
+(transformers_reference.use_torch_paths), so neither fla nor causal_conv1d runs, whatever is installed.
 It runs in float64 but for transformers' casts to float32: its RMSNorms normalise in float32, the delta net's
 recurrence, decay and gated norm compute in float32, RoPE's angles are float32 (as ours) and the routers' softmax is
 float32. The logits and every gradient agree to rtol = atol = 1e-4 (the observed differences are ~1e-5 absolute on
@@ -19,7 +19,6 @@ Not compared: padding. Neither std block of the mixers takes an attention_mask h
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 import gatedsl
 from gatedsl.interop.mapping import MappingError, export_state_dict, load_state_dict
 from gatedsl.interop.qwen3_next import qwen3_next_from_transformers
-from test_mamba_vs_transformers import ks_distance, torch_function
+from transformers_reference import assert_same_grads, ks_distance, use_torch_paths
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
@@ -52,10 +51,7 @@ PUBLISHED = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5120, nu
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
     """Qwen3NextGatedDeltaNet's plain-PyTorch path, never fla's or causal_conv1d's kernels."""
-    for name in KERNELS:
-        fn = torch_function(getattr(modeling_qwen3_next, name))
-        assert fn.__code__.co_filename == modeling_qwen3_next.__file__ and not fn.__code__.co_freevars, name
-        monkeypatch.setattr(modeling_qwen3_next, name, fn)
+    use_torch_paths(monkeypatch, modeling_qwen3_next, KERNELS)
 
 
 def config(**changes) -> Qwen3NextConfig:
@@ -123,14 +119,7 @@ def test_qwen3_next_equals_transformers(opt_level):
     torch.testing.assert_close(loss, out.loss.double(), **TOL)  # its loss is taken in float32
     loss.backward()
     out.loss.backward()
-    grads = copy.deepcopy(ours)
-    with torch.no_grad():
-        for g, p in zip(grads.parameters(), ours.parameters()):
-            g.copy_(p.grad)
-    got = export_state_dict(grads, mapping)
-    for name, p in ref.named_parameters():
-        assert p.grad.abs().sum() > 0, name
-        torch.testing.assert_close(got[name], p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_grads(ours, ref, mapping, **TOL)
 
     back = Qwen3NextForCausalLM(cfg).double().eval()
     back.load_state_dict(export_state_dict(ours, mapping), strict=True)
