@@ -68,7 +68,8 @@ def split(ref: str, ours: Sequence[str], dim: int = 0, sizes: Sequence[int] | No
         parts = list(sizes) if sizes is not None else None
         if parts is None:
             if fused.shape[dim] % len(ours):
-                raise MappingError(f"{ref!r} is {_shape(fused)}: its dim {dim} does not split in {len(ours)} equal parts")
+                raise MappingError(f"{ref!r} is {_shape(fused)}: its dim {dim} does not split in {len(ours)} equal "
+                                   f"parts")
             parts = [fused.shape[dim] // len(ours)] * len(ours)
         if sum(parts) != fused.shape[dim]:
             raise MappingError(f"{ref!r} is {_shape(fused)}, but its parts along dim {dim} add up to {sum(parts)}")
@@ -169,19 +170,17 @@ def load_state_dict(module: nn.Module, state: MappingType[str, Tensor] | nn.Modu
         state = state.state_dict()
     mapping.check()
     ours = module.state_dict(keep_vars=True)
+    read, filled = set(mapping.ref_keys), set(mapping.our_keys)
     missing = [k for k in mapping.ref_keys if k not in state]
     if missing:
         raise MappingError(f"the state dict lacks {_listing(missing)}{_closest(missing[0], state)}")
-    unread = [k for k in state if k not in set(mapping.ref_keys)]
+    unread = [k for k in state if k not in read]
     if unread:
         raise MappingError(f"no rule of the mapping reads {_listing(unread)} (the spec has nothing to put it in; "
                            f"`ignore` it in the mapping if it is meant to be dropped)")
-    unknown = [k for k in mapping.our_keys if k not in ours]
-    if unknown:
-        raise MappingError(f"the mapping fills {_listing(unknown)}, which the compiled spec lacks"
-                           f"{_closest(unknown[0], ours)}")
+    _check_ours_exist(mapping, ours, "fills")
     if not partial:
-        unfilled = [k for k in ours if k not in set(mapping.our_keys)]
+        unfilled = [k for k in ours if k not in filled]
         if unfilled:
             raise MappingError(f"no rule of the mapping fills {_listing(unfilled)}, which would keep its initial value")
 
@@ -204,15 +203,16 @@ def load_state_dict(module: nn.Module, state: MappingType[str, Tensor] | nn.Modu
         except MappingError:
             raise
         except Exception as exc:
-            raise MappingError(f"cannot convert {_described(rule.ref, inputs)} to {_described(rule.ours, [ours[k] for k in rule.ours])} "
-                               f"({rule.what}): {exc}") from None
+            wanted = _described(rule.ours, [ours[k] for k in rule.ours])
+            raise MappingError(f"cannot convert {_described(rule.ref, inputs)} to {wanted} ({rule.what}): "
+                               f"{exc}") from None
         if len(outputs) != len(rule.ours):
             raise MappingError(f"the {rule.what} rule for {_listing(rule.ref)} made {len(outputs)} tensors for "
                                f"{len(rule.ours)} keys")
         for key, tensor in zip(rule.ours, outputs):
             if tuple(tensor.shape) != tuple(ours[key].shape):
-                raise MappingError(f"{_described(rule.ref, inputs)} gives {key} a {_shape(tensor)} tensor ({rule.what}), "
-                                   f"but the spec's {key} is {_shape(ours[key])}")
+                raise MappingError(f"{_described(rule.ref, inputs)} gives {key} a {_shape(tensor)} tensor "
+                                   f"({rule.what}), but the spec's {key} is {_shape(ours[key])}")
             converted.append((key, tensor))
     with torch.no_grad():
         for key, tensor in converted:
@@ -228,12 +228,10 @@ def export_state_dict(module: nn.Module, mapping: Mapping, *, partial: bool = Fa
     """
     mapping.check()
     ours = {k: v.detach() for k, v in module.state_dict().items()}
-    unknown = [k for k in mapping.our_keys if k not in ours]
-    if unknown:
-        raise MappingError(f"the mapping reads {_listing(unknown)}, which the compiled spec lacks"
-                           f"{_closest(unknown[0], ours)}")
+    _check_ours_exist(mapping, ours, "reads")
     if not partial:
-        unread = [k for k in ours if k not in set(mapping.our_keys)]
+        exported_keys = set(mapping.our_keys)
+        unread = [k for k in ours if k not in exported_keys]
         if unread:
             raise MappingError(f"no rule of the mapping exports {_listing(unread)}: the reference has no place for it")
     exported: dict[str, Tensor] = {}
@@ -249,6 +247,13 @@ def export_state_dict(module: nn.Module, mapping: Mapping, *, partial: bool = Fa
         outputs = rule.to_ref([ours[k] for k in rule.ours])
         exported.update((key, tensor.clone().contiguous()) for key, tensor in zip(rule.ref, outputs))
     return exported
+
+
+def _check_ours_exist(mapping: Mapping, ours: MappingType[str, Tensor], verb: str) -> None:
+    unknown = [k for k in mapping.our_keys if k not in ours]
+    if unknown:
+        raise MappingError(f"the mapping {verb} {_listing(unknown)}, which the compiled spec lacks"
+                           f"{_closest(unknown[0], ours)}")
 
 
 def _shape(tensor: Tensor) -> str:
