@@ -15,7 +15,6 @@ scaled so that no two router probabilities of a token are within float32's resol
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -24,9 +23,8 @@ import gatedsl
 from gatedsl.interop.mapping import MappingError, export_state_dict, load_state_dict
 from gatedsl.interop.moe import mixtral_moe_from_transformers, qwen3_next_moe_from_transformers
 from gatedsl.ir.ops import moe_experts
-from gatedsl.kernels import registry
-from gatedsl.kernels.moe_dispatch import routed
-from transformers_reference import ks_distance
+from test_route_experts import kernel  # noqa: F401 (a fixture: force(name) makes every moe_dispatch run kernel name)
+from transformers_reference import grads_in_ref_layout, ks_distance
 
 transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
@@ -64,29 +62,6 @@ def scaled(ref):
         for p in ref.parameters():
             p.copy_((p * 20 + 0.3 * torch.randn(p.shape, dtype=torch.float64)).float().double())
     return ref
-
-
-@pytest.fixture
-def kernel(monkeypatch):
-    """force(name): every moe_dispatch runs kernel `name` (as tests/test_route_experts.py forces it)."""
-
-    def force(name: str) -> None:
-        kernels = [dataclasses.replace(k, cost=lambda ctx, mine=k.name == name: 0.0 if mine else 1.0)
-                   for k in registry.kernels_for("moe_dispatch")]
-        monkeypatch.setitem(registry.KERNELS, "moe_dispatch", kernels)
-        monkeypatch.setattr(registry, "_CHOSEN", {})
-        monkeypatch.setattr(registry, "_BY_SIGNATURE", {})
-        monkeypatch.setattr(routed, "_CHOSEN", {})
-
-    return force
-
-
-def grads_in_ref_layout(model, mapping):
-    grads = copy.deepcopy(model)
-    with torch.no_grad():
-        for g, p in zip(grads.parameters(), model.parameters()):
-            g.copy_(p.grad)
-    return export_state_dict(grads, mapping)
 
 
 def compare(ours, ref, mapping, block: str):
