@@ -18,7 +18,7 @@ import platform
 import torch
 
 import gatedsl
-from gatedsl.bench import time_interleaved
+from gatedsl.bench import runner, time_interleaved
 
 SPEC = """
 import std.linear_rnn
@@ -27,20 +27,6 @@ model M(d: int = 256, heads: int = 4) {
   output y = GatedDeltaNet(x, heads=heads, head_dim=d // heads, v_head_dim=d // heads)
 }
 """
-
-
-def _runner(model, x: torch.Tensor, variant: str):
-    params = list(model.parameters())
-    if variant == "fwd":
-        def run() -> None:
-            with torch.no_grad():
-                model(x)
-    else:
-        def run() -> None:
-            for p in params:
-                p.grad = None
-            model(x).sum().backward()
-    return run
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -69,7 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"max |-O2 - -O0| = {gap:.2e}")
     rows = []
     for variant in ("fwd", "fwd+bwd"):
-        times = time_interleaved({"-O2": _runner(chunked, x, variant), "-O0": _runner(loop, x, variant)},
+        fns = {"-O2": runner(chunked, (x,), variant), "-O0": runner(loop, (x,), variant)}
+        times = time_interleaved(fns,
                                  repeats=args.repeats)
         ratio = times["-O2"] / times["-O0"]
         name = f"gated_delta_net T={args.T} {variant}"

@@ -3,9 +3,9 @@
 Run:  python benchmarks/zoo_opt_levels.py [--B 4] [--T 256] [--repeats 5] [--threads 2] [--json OUT]
 
 One process: each model at its spec's small default sizes but for a wider hidden size (MODELS below, in its
-config's names), compiled at -O2 and -O0 with the same weights; the forward (no_grad) and the LM
-loss's forward+backward on random tokens, called in turn (the order rotated each round) after a warm-up; medians and
-the ratio -O2 / -O0. `--json` writes gatedsl bench's rows: {name, gatedsl_s, baseline, baseline_s, ratio}.
+config's names), compiled at -O2 and -O0 with the same weights; the forward (no_grad) and the forward+backward of
+the logits' sum on random tokens, called in turn (the order rotated each round) after a warm-up; medians and the
+ratio -O2 / -O0. `--json` writes gatedsl bench's rows: {name, gatedsl_s, baseline, baseline_s, ratio}.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import gatedsl
-from gatedsl.bench import time_interleaved
+from gatedsl.bench import runner, time_interleaved
 
 ZOO = Path(__file__).resolve().parents[1] / "specs" / "zoo"
 
@@ -32,21 +31,6 @@ MODELS = {
     "mixtral": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},
     "qwen3_next": {"hidden_size": 64},
 }
-
-
-def _runner(model, ids: torch.Tensor, variant: str):
-    params = list(model.parameters())
-    if variant == "fwd":
-        def run() -> None:
-            with torch.no_grad():
-                model(ids)
-    else:
-        def run() -> None:
-            for p in params:
-                p.grad = None
-            logits = model(ids)
-            F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    return run
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -71,8 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with torch.no_grad():
             gap = (fast(ids) - plain(ids)).abs().max().item()
         for variant in ("fwd", "fwd+bwd"):
-            times = time_interleaved({"-O2": _runner(fast, ids, variant), "-O0": _runner(plain, ids, variant)},
-                                     repeats=args.repeats)
+            fns = {"-O2": runner(fast, (ids,), variant), "-O0": runner(plain, (ids,), variant)}
+            times = time_interleaved(fns, repeats=args.repeats)
             ratio = times["-O2"] / times["-O0"]
             row = f"{name} {variant}"
             rows.append({"name": row, "gatedsl_s": times["-O2"], "baseline": "-O0", "baseline_s": times["-O0"],

@@ -193,7 +193,8 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _runner(module, inputs: tuple, variant: str) -> Callable[[], None]:
+def runner(module, inputs: tuple, variant: str) -> Callable[[], None]:
+    """One timed call: the forward under no_grad ("fwd"), or forward and backward of the first output's sum."""
     import torch
 
     params = [p for p in module.parameters()]
@@ -235,14 +236,14 @@ def run_case(name: str, repeats: int, quick: bool = False, compile_backend: str 
     built = build_case(name, quick, opt_level=opt_level)
     rows = []
     for variant in VARIANTS:
-        fns = {"gatedsl": _runner(built.gatedsl, built.inputs, variant)}
+        fns = {"gatedsl": runner(built.gatedsl, built.inputs, variant)}
         for label, module in built.baselines.items():
-            fns[label] = _runner(module, built.inputs, variant)
+            fns[label] = runner(module, built.inputs, variant)
         compile_first_s = None
         if built.torch_compile:
             torch._dynamo.reset()
             compiled = torch.compile(copy.deepcopy(built.baselines[built.torch_compile]), backend=compile_backend)
-            fns["torch.compile"] = _runner(compiled, built.inputs, variant)
+            fns["torch.compile"] = runner(compiled, built.inputs, variant)
             # The first call compiles; inductor's on-disk caches are off so that it is a cold compile
             # every run (a warm cache would serve an earlier run's kernels).
             import torch._inductor.config as inductor_config
