@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for variant in ("fwd", "fwd+bwd"):
         fns = {"-O2": runner(chunked, (x,), variant), "-O0": runner(loop, (x,), variant)}
-        times = time_interleaved(fns,
-                                 repeats=args.repeats)
+        times = time_interleaved(fns, repeats=args.repeats)
         ratio = times["-O2"] / times["-O0"]
         name = f"gated_delta_net T={args.T} {variant}"
         rows.append({"name": name, "gatedsl_s": times["-O2"], "baseline": "-O0 step loop",
