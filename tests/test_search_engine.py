@@ -501,6 +501,29 @@ def test_trials_counts_distinct_candidates_across_workers_and_resumes(spec, obje
     check_trained_once(objectives, load(again))
 
 
+def test_a_trial_waits_for_an_earlier_trial_to_name_its_candidate():
+    # Two workers' trials of one candidate: the later one must not evaluate while the earlier has not yet set its
+    # hash, or each would take the other for the later trial and both would train the candidate.
+    import threading
+
+    from gatedsl.search.trial import Objective
+
+    study = optuna.create_study()
+    earlier, later = study.ask(), study.ask()
+    later.set_user_attr("hash", "h")
+    objective = Objective.__new__(Objective)
+    objective.study, objective.storage = study, None
+    found = []
+    looking = threading.Thread(target=lambda: found.append(objective._earlier(later, "h")))
+    looking.start()
+    time.sleep(0.5)
+    assert looking.is_alive() and not found  # still waiting: trial 0 has not said what it evaluates
+    earlier.set_user_attr("hash", "h")
+    study.tell(earlier, 1.0)
+    looking.join(timeout=10)
+    assert [t.number for t in found] == [0]
+
+
 def test_a_search_stops_when_its_sampler_only_repeats(spec, objectives, tmp_path, monkeypatch):
     import gatedsl.search.workers as workers
 

@@ -129,13 +129,17 @@ class Objective:
     def _earlier(self, trial: optuna.Trial, key: str) -> FrozenTrial | None:
         """The earlier trial of the same candidate whose result stands, waiting for it if it is still running."""
         while True:
-            same = [t for t in self.study.get_trials(deepcopy=False)
-                    if t.number != trial.number and t.user_attrs.get("hash") == key]
+            trials = self.study.get_trials(deepcopy=False)
+            same = [t for t in trials if t.number != trial.number and t.user_attrs.get("hash") == key]
             for t in same:
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
                     return t
             # The lowest-numbered of several concurrent trials of one candidate evaluates it; the others wait.
-            if not any(t.state == TrialState.RUNNING and t.number < trial.number for t in same):
+            # An earlier trial that has not yet named its candidate may be this one's twin: wait for its hash,
+            # or two workers could each see the other as the later trial and both evaluate the candidate.
+            unnamed = any(t.state == TrialState.RUNNING and t.number < trial.number and "hash" not in t.user_attrs
+                          for t in trials)
+            if not unnamed and not any(t.state == TrialState.RUNNING and t.number < trial.number for t in same):
                 return None
             time.sleep(POLL_S)
             fail_dead_trials(self.study, self.storage)
