@@ -176,12 +176,22 @@ def test_the_registry_runs_one_step_for_one_token_and_the_loop_for_two(form):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_one_token_takes_one_step_on_every_device_dtype_and_mode():
-    gla = (("T", 1), ("state", 4 * 64 * 64), ("K", 64), ("V", 64), ("decay_width", 64), ("gla", 1))
-    mamba = (("T", 1), ("state", 8 * 1536 * 16), ("K", None), ("V", None), ("decay_width", None), ("gla", 0))
-    delta = (("T", 1), ("K", 128), ("V", 128), ("rows", 32))
-    for device, dtype, training in itertools.product(("cpu", "cuda"), ("float32", "float64"), (False, True)):
-        for op, sizes in (("linear_scan", gla), ("linear_scan", mamba), ("delta_rule_scan", delta)):
+def gla_sizes(B, H, K, V):
+    return (("T", 1), ("state", B * H * K * V), ("K", K), ("V", V), ("decay_width", K), ("gla", 1))
+
+
+MAMBA = (("T", 1), ("state", 8 * 1536 * 16), ("K", None), ("V", None), ("decay_width", None), ("gla", 0))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_one_token_takes_one_step_on_every_device_dtype_and_mode(device):
+    calls = [("linear_scan", gla_sizes(1, 4, 64, 64)), ("linear_scan", MAMBA),
+             ("delta_rule_scan", (("T", 1), ("K", 128), ("V", 128), ("rows", 32)))]
+    if device == "cpu":  # states of millions of elements too (on a GPU the cost rule's rates are estimates)
+        calls += [("linear_scan", gla_sizes(8, 4, 64, 128)), ("linear_scan", gla_sizes(32, 16, 128, 256)),
+                  ("delta_rule_scan", (("T", 1), ("K", 128), ("V", 128), ("rows", 8 * 16)))]
+    for dtype, training in itertools.product(("float32", "float64"), (False, True)):
+        for op, sizes in calls:
             pick = registry.choose(op, Context(device, dtype, training, sizes))
             assert pick.kernel == "one_step", (op, device, dtype, training, pick)
             longer = Context(device, dtype, training, tuple((n, 2 if n == "T" else v) for n, v in sizes))

@@ -76,8 +76,11 @@ def _chunk_flops(T: int, K: int, V: int, rows: int) -> float:
 def _chunked_cost(ctx: Context) -> float:
     T, K, V, rows = _shape(ctx)
     dispatch, small, big = RATES.get(ctx.device, RATES["cpu"])
-    rate = small if T == 1 else big  # a chunk of one step multiplies its matrices by vectors, as a step does
-    return _train(ctx) * ((25 + 4 * math.ceil(T / CHUNK)) * dispatch + _chunk_flops(T, K, V, rows) / rate)
+    chunks = math.ceil(T / CHUNK)
+    # Its recurrence across chunks does a step's work on the state per chunk, matrices times vectors at a
+    # step's rate: all there is to a call of a few steps, however few its flops.
+    work = max(_chunk_flops(T, K, V, rows) / big, chunks * 8 * rows * K * V / small)
+    return _train(ctx) * ((25 + 4 * chunks) * dispatch + work)
 
 
 TRITON_MAX_DIM = 128  # a program holds a [V, K] state tile and [C, K], [C, V] tiles in registers

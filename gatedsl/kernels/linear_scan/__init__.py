@@ -49,7 +49,7 @@ register_op(FusedOp(OP, sizes=_sizes, key=_key, time="T"))
 # time over T = 1..2048 and states of 256 to 16384 elements), forward and training (forward, backward):
 #   step     T · (3 µs + 1.5 ns · state)            T · (12 µs + 12 ns · state)
 #   blocked  (C + n) · 6 µs + 8 ns · T · state       3 × that              (C ≈ √T steps per block, n blocks)
-#   chunked  0.14 ms + 0.27 ns · T · state           0.8 ms + 0.95 ns · T · state
+#   chunked  0.14 ms + 0.27 ns · T · state           0.8 ms + 0.95 ns · T · state   (per element, a step's per chunk at least)
 #   one_step 2 µs + 1 ns · state (T = 1 only)       8 µs + 8 ns · state
 # so the chunked form wins from T ≈ 6 (≈ 5 in training), while the blocked one wins only where a step's
 # fixed cost outweighs its 4 passes per element (8 ns against the step's 1.5): small states (HGRN at B = 1),
@@ -112,8 +112,11 @@ def _chunked_cost(ctx: Context) -> float:
     T = ctx.size("T")
     if T is None:
         return 1.0
-    state = _state(ctx)
-    return _train(ctx, 1.4e-4 + 0.27e-9 * T * state, 8e-4 + 0.95e-9 * T * state)
+    # Its recurrence across chunks does at least a step's work on the state per chunk (the step loop's cost
+    # per element): all there is to a call of a few steps.
+    chunks = math.ceil(T / chunk_size(T))
+    forward = 1.4e-4 + max(0.27e-9 * T, 1.5e-9 * chunks) * _state(ctx)
+    return _train(ctx, forward, 8e-4 + max(0.95e-9 * T, 12e-9 * chunks) * _state(ctx))
 
 
 def _triton_applies(ctx: Context) -> str | None:
