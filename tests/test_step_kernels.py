@@ -199,6 +199,28 @@ def test_one_token_takes_one_step_on_every_device_dtype_and_mode(device):
             assert why["one_step"] == "one step only (T = 1), this call has T = 2"
 
 
+@pytest.mark.parametrize("form", ["GLA", "Mamba (selective SSM)", "Gated DeltaNet"])
+def test_a_decoder_runs_one_step_for_each_token(form, monkeypatch):
+    """gatedsl.Decoder at -O2: after a prompt of 3, each token's call runs one_step, and the outputs are the full
+    forward's (which runs the chunked form or the loop at T = 6)."""
+    spec, op, _ = FORMS[form]
+    torch.manual_seed(0)
+    model = gatedsl.compile(spec, opt_level=2).double()
+    x = randn(2, 6, 8, seed=4)
+    with torch.no_grad():
+        want = model(x)
+        decoder = gatedsl.Decoder(model)
+        outs, state = decoder.prefill(x[:, :3])
+        monkeypatch.setattr(registry, "_CHOSEN", {})  # what runs from here on
+        monkeypatch.setattr(registry, "_BY_SIGNATURE", {})
+        for t in range(3, 6):
+            out, state = decoder.step(x[:, t:t + 1], state=state)
+            outs = torch.cat([outs, out], 1)
+    ran = {fn for (name, *_), fn in registry._CHOSEN.items() if name == op}
+    assert ran == {KERNELS[op][2]}, registry._CHOSEN
+    torch.testing.assert_close(outs, want, **REGROUPED)
+
+
 # ------------------------------------------------------- against the kernel tests' own loop and equations
 @pytest.mark.parametrize("width", [1, 5], ids=["scalar", "per-key"])
 def test_gla_form_one_step_equals_the_loop(width):
