@@ -54,7 +54,7 @@ register_op(FusedOp(OP, sizes=_sizes, key=_key, time="T"))
 # so the chunked form wins from T ≈ 6 (≈ 5 in training), while the blocked one wins only where a step's
 # fixed cost outweighs its 4 passes per element (8 ns against the step's 1.5): small states (HGRN at B = 1),
 # long T; on larger states (Mamba's [E, N], HGRN at B = 8) the step loop stays the fastest. One step alone
-# (decoding) costs about 0.6 of the loop's step at T = 1 (benchmarks/step_kernels.py): the loop's lists and
+# (decoding) costs 0.3 to 0.6 of the loop's step at T = 1 (benchmarks/step_kernels.py): the loop's lists and
 # stack, and an einsum where one matrix product reads the state out, are gone.
 UNKNOWN_STATE = 4096  # elements per step where the batch is symbolic at compile time
 # On a CUDA device a step is launch-bound: LAUNCH per eager op, plus PASS per state element for each pass
