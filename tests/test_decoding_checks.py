@@ -65,6 +65,19 @@ NOT_CAUSAL = {
                        r"makes a value \[B, T, T\] with two dims along T"),
     "reshape merging T": (model("output y = reshape(reshape(x, [B, T * 8]), [B, T, 8])"), "reshape(x, [B, T * 8])",
                           "merges positions with features"),
+    # T merged with the batch (B*T: row 0's positions, then row 1's): a carried op would run across rows
+    "cumsum along B*T": (model("f = reshape(x, [B * T, 8])\noutput y = reshape(cumsum(f, 0), [B, T, 8])"),
+                         "cumsum(f, 0)", r"a cumulative sum runs along B\*T, T merged with another axis"),
+    "scan along B*T": (model("f = reshape(x, [B * T, 8])\noutput y = reshape(scan GRU(f, H=8) over -2, [B, T, 8])",
+                             imports="std.cells"), "scan GRU(f, H=8) over -2", r"a scan of GRU runs along B\*T"),
+    "conv along B*T": (model("f = reshape(x, [1, B * T, 8])\n"
+                             "output y = reshape(depthwise_conv1d(f, 3, causal=true), [B, T, 8])"),
+                       "depthwise_conv1d(f, 3, causal=true)", r"a convolution runs along B\*T"),
+    "attention along B*T": (model("f = reshape(x, [1, B * T, 8])\n"
+                                  "output y = reshape(attention(f, f, f, causal=true), [B, T, 8])"),
+                            "attention(f, f, f, causal=true)", r"an attention runs along B\*T"),
+    "rope along B*T": (model("f = reshape(x, [B * T, 8])\noutput y = reshape(rope(f), [B, T, 8])"), "rope(f)",
+                       r"rope's count of positions runs along B\*T"),
     "no symbolic T input": (model("output y = x * 2", "input x: [B, 5, 8]"), "input x: [B, 5, 8]",
                             r"no input has a dim of symbolic size T \(inputs: x: \[B, 5, 8\]\)"),
     "an output without T": (model("output y = x * 2\noutput w = linear(z, 3)", "input x: [B, T, 8]\ninput z: [B, 4]"),

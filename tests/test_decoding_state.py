@@ -240,7 +240,8 @@ def test_bad_calls_are_clear_errors():
         (lambda: dec.step(x[:1, 4:5], state=state), ValueError, "the state has 2 rows but the inputs have 1"),
         (lambda: dec.step(x[:, 4:5, :7], state=state), ValueError, r"input x must be \[B, T, 8\]: dim 2 is 7, not 8"),
         (lambda: dec.step(x[:, 4], state=state), ValueError, r"input x must be \[B, T, 8\], got .* shape \(2, 8\)"),
-        (lambda: dec.step(x[:, 4:5].long(), state=state), ValueError, r"input x must be \[B, T, 8\], got a torch.int64"),
+        (lambda: dec.step(x[:, 4:5].long(), state=state), ValueError,
+         r"input x must be \[B, T, 8\], got a torch.int64"),
         (lambda: dec.step(x[:, 4:4], state=state), ValueError, "at least one position along T, got 0"),
         (lambda: dec.step(x[:, 4:5], state=None), TypeError, "step takes the state a prefill or step returned"),
         (lambda: dec.step(x[:, 4:5].tolist(), state=state), TypeError, "input x must be a tensor"),
@@ -270,7 +271,8 @@ def test_a_state_from_another_decoder_is_refused():
 
 
 def test_inputs_disagreeing_on_a_size_are_refused():
-    source = "model M() {\n  input a: [B, T, 4]\n  input b: int[B, T]\n  output y = a + unsqueeze(cumsum(b, 1), -1)\n}\n"
+    source = ("model M() {\n  input a: [B, T, 4]\n  input b: int[B, T]\n"
+              "  output y = a + unsqueeze(cumsum(b, 1), -1)\n}\n")
     dec = Decoder(gatedsl.compile(source))
     a, b = torch.randn(2, 3, 4), torch.ones(3, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"input b \[B, T\] has B = 3, but another input has B = 2"):
@@ -283,7 +285,8 @@ def test_inputs_disagreeing_on_a_size_are_refused():
 
 def test_rows_of_a_state_without_a_batch_dim_cannot_be_picked():
     """A model over [T, 8] (no batch) decodes, but its state has no rows to select or join."""
-    source = "model M() {\n  input x: [T, 8]\n  q = split_heads(x, 2)\n  output y = merge_heads(attention(q, q, q, causal=true), 2)\n}\n"
+    source = ("model M() {\n  input x: [T, 8]\n  q = split_heads(x, 2)\n"
+              "  output y = merge_heads(attention(q, q, q, causal=true), 2)\n}\n")
     model = build(source, 2)
     dec = Decoder(model)
     x = torch.randn(6, 8, dtype=DT)
