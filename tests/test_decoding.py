@@ -214,11 +214,15 @@ def test_attention_block_decodes_as_its_forward(name, opt_level):
 
 
 @pytest.mark.parametrize("opt_level", LEVELS)
-def test_causal_convolution_decodes_as_its_forward(opt_level):
-    dec, state = check_decoding(build(wrap("GatedLongConv(x, 5)", "std.conv"), opt_level))
+@pytest.mark.parametrize("spec", [
+    wrap("GatedLongConv(x, 5)", "std.conv"),
+    f"model Wrap() {{\n  input x: [B, T, {D}]\n  output y = conv1d(x, 4, 3, dilation=2, causal=true, groups=2)\n}}\n",
+], ids=["GatedLongConv", "conv1d-dilated-grouped"])
+def test_causal_convolution_decodes_as_its_forward(spec, opt_level):
+    dec, state = check_decoding(build(spec, opt_level))
     assert carried_kinds(dec) == {"conv_window"}
     (window,) = state.entries.values()
-    assert window.tensors[0].shape == (B, 4, D)  # the last kernel − 1 inputs
+    assert window.tensors[0].shape == (B, 4, D)  # the inputs its reach covers: (kernel − 1) · dilation
 
 
 @pytest.mark.parametrize("opt_level", LEVELS)
