@@ -76,6 +76,8 @@ NOT_CAUSAL = {
     "attention along B*T": (model("f = reshape(x, [1, B * T, 8])\n"
                                   "output y = reshape(attention(f, f, f, causal=true), [B, T, 8])"),
                             "attention(f, f, f, causal=true)", r"an attention runs along B\*T"),
+    "shift along B*T": (model("f = reshape(x, [B * T, 8])\noutput y = reshape(shift(f, 0), [B, T, 8])"),
+                        "shift(f, 0)", r"a token shift runs along B\*T"),
     "rope along B*T": (model("f = reshape(x, [B * T, 8])\noutput y = reshape(rope(f), [B, T, 8])"), "rope(f)",
                        r"rope's count of positions runs along B\*T"),
     "no symbolic T input": (model("output y = x * 2", "input x: [B, 5, 8]"), "input x: [B, 5, 8]",
@@ -155,6 +157,9 @@ CAUSAL = {
                                                imports="std.cells"), {"scan"}, True),
     "norms, softmax and reductions over features": (
         model("output y = softmax(layer_norm(x), -1) * mean(x, -1, keepdim=true) + rms_norm(x)"), set(), False),
+    "token shift, 2 steps": (model("output y = x + shift(x, 1, 2, fill=-1.0)"), {"shift"}, True),
+    "token shift, a fill given": (model("output y = x * shift(x, steps=3, fill=f)",
+                                        "input x: [B, T, 8]\ninput f: [B, 8]"), {"shift"}, True),
     "T moved to the last dim": (model("output y = transpose(cumsum(x, 1))"), {"running_total"}, True),
 }
 

@@ -18,7 +18,8 @@ from gatedsl import DecodeState, Decoder
 LENGTH = 9
 
 # Models whose state holds every carried kind: KV caches (with a window, grouped heads, rotary positions), linear
-# recurrences (-O2's fused scans and -O0's scans), torch's native LSTM, causal conv windows, running totals.
+# recurrences (-O2's fused scans and -O0's scans), torch's native LSTM, causal conv windows, running totals, token
+# shifts.
 MODELS = {
     "self_attention-window": (wrap("self_attention(x, heads=4, kv_heads=2, window=3)", "std.attention"), 2),
     "gated_attention": (wrap("gated_attention(x, heads=2, head_dim=8, partial_rotary=0.5)", "std.attention"), 0),
@@ -26,7 +27,7 @@ MODELS = {
     "GatedDeltaNet": (wrap("GatedDeltaNet(x, heads=2, head_dim=4)", "std.linear_rnn"), 2),
     "Mamba": (wrap("Mamba(x, state_size=4)", "std.linear_rnn"), 0),
     "LSTM-native": (wrap("scan LSTM(x, H=6) over T", "std.cells"), 2),
-    "cumsum": (wrap("cumsum(x, 1) + cumprod(sigmoid(x), 1)", "std.cells"), 2),
+    "cumsum-shift": (wrap("cumsum(x, 1) + cumprod(sigmoid(x), 1) * shift(x, 1, 2)", "std.cells"), 2),
     "zoo-qwen3_next": ("specs/zoo/qwen3_next.gate", 2),
     "zoo-mixtral": ("specs/zoo/mixtral.gate", 0),
 }

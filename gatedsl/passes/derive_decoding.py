@@ -4,9 +4,10 @@ Decoding runs the model on the new positions only. An op that works on each posi
 projections, norms over features, experts per token) needs nothing from earlier calls; an op that reads earlier
 positions needs them carried: a scan over the axis its cell's states, a linear_scan or delta_rule_scan its
 state, a causal attention the keys and values seen so far, a causal convolution its last window of inputs, a
-cumulative sum or product its running total, a token shift its last inputs, and rotary embeddings at their default positions the count of
-positions seen. Anything that reads later positions, or all of them (a bidirectional or reversed scan, a
-non-causal attention, a reduction, softmax, flip, slice or concatenation along the axis), cannot decode.
+cumulative sum or product its running total, a token shift its last inputs, and rotary embeddings at their default
+positions the count of positions seen. Anything that reads later positions, or all of them (a bidirectional or
+reversed scan, a non-causal attention, a reduction, softmax, flip, slice or concatenation along the axis), cannot
+decode.
 
 The sequence axis is a symbolic size (T by default): every dim whose size has it as a factor is along the axis,
 and an op that carries state must run along the axis alone (not B*T, where rows follow one another).
@@ -216,6 +217,7 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
             axis = axis_of(0)
             if axis is None or _norm_dim(a.dim, ins[0].rank) != axis:
                 return None
+            _alone(ins[0], axis, seq, "a token shift")
             return Carried("shift", key, (rows(outs[0]),), width=a.steps)
         case "rope":
             if axis_of(0) is not None and axis_of(0) != ins[0].rank - 2:
