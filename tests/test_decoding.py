@@ -102,7 +102,7 @@ def check_decoding(model, splits=SPLITS.values(), length: int = T, history: bool
 
 
 def _depends_on_prompt(model, dec, inputs, full) -> None:
-    """Another prompt (the first 3 positions redrawn) moves the outputs at position 3: carried state matters."""
+    """Another prompt (the first 3 positions redrawn) moves the outputs after it: the carried state matters."""
     other = inputs_for(model, length=3, seed=99)
     changed = [x if axis is None else torch.cat([o, x.narrow(axis, 3, x.shape[axis] - 3)], dim=axis)
                for x, o, axis in zip(inputs, other, (dec.plan.input_axes[n] for n in dec.inputs))]
