@@ -23,6 +23,7 @@ from gatedsl.backend.decode_runtime import DecodeCall
 from gatedsl.backend.decode_state import DecodeState, Entry
 from gatedsl.backend.fx_emit import build_module_tree, parent_module
 from gatedsl.ir.graph import Graph
+from gatedsl.ir.types import show_shape
 from gatedsl.passes.derive_decoding import DecodePlan, derive_decoding
 
 __all__ = ["Decoder", "DecodeState", "Entry"]
@@ -48,6 +49,9 @@ class Decoder(nn.Module):
         object.__setattr__(self, "_run", emit_decoder(graph, self.plan, root))
         self.inputs = [name for name, _ in graph.inputs]
         self.outputs = [name for name, _ in graph.outputs]
+        self._input_types = [graph.type_of((node, 0)) for _, node in graph.inputs]
+        # The state's entries: every carrying op's but rope's, which reads only the positions' count.
+        self._carried_keys = {c.key for c in self.plan.carried.values() if c.kind != "positions"}
 
     def prefill(self, *inputs: torch.Tensor, **named: torch.Tensor) -> tuple[Any, DecodeState]:
         """The outputs for a prompt (each input with its whole sequence axis), and the state after its last position."""
@@ -70,8 +74,13 @@ class Decoder(nn.Module):
 
     def _call(self, state: DecodeState | None, inputs, named) -> tuple[Any, DecodeState]:
         args = self._arguments(inputs, named)
+        sizes = self._sizes(args)
         steps = self._steps(args)
-        rows = self._rows(args)
+        rows = sizes.get(self.plan.batch, 1)
+        if state is not None and set(state.entries) != self._carried_keys:
+            raise ValueError("the state was made by another decoder: it carries "
+                             f"{', '.join(sorted(state.entries)) or 'nothing'}, this model's decoding carries "
+                             f"{', '.join(sorted(self._carried_keys)) or 'nothing'}")
         if state is not None and state.batch_size != rows:
             raise ValueError(f"the state has {state.batch_size} rows but the inputs have {rows}")
         call = DecodeCall(state, rows, steps)
@@ -96,6 +105,26 @@ class Decoder(nn.Module):
             raise TypeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}")
         return [given[n] for n in self.inputs]
 
+    def _sizes(self, args: list[torch.Tensor]) -> dict[str, int]:
+        """Each input checked against the spec's type (rank, dtype, static sizes), and the symbolic sizes it binds,
+        the same in every input (the sequence axis's length is the call's, checked by _steps)."""
+        sizes: dict[str, int] = {}
+        for name, t, value in zip(self.inputs, self._input_types, args):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input {name} must be a tensor {t}, got {type(value).__name__}")
+            if value.dim() != t.rank or not _dtype_fits(t.dtype, value):
+                raise ValueError(f"input {name} must be {t}, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+            for i, (dim, size) in enumerate(zip(t.shape, value.shape)):
+                if isinstance(dim, int):
+                    if size != dim:
+                        raise ValueError(f"input {name} must be {t}: dim {i} is {size}, not {dim}")
+                elif len(dim.factors) == 1 and dim.coeff == 1 and dim.factors[0] != self.seq:
+                    bound = sizes.setdefault(dim.factors[0], int(size))
+                    if bound != size:
+                        raise ValueError(f"input {name} {show_shape(t.shape)} has {dim} = {size}, but another input "
+                                         f"has {dim} = {bound}")
+        return sizes
+
     def _steps(self, args: list[torch.Tensor]) -> int:
         lengths = {name: t.shape[axis] for (name, axis), t in zip(self.plan.input_axes.items(), args)
                    if axis is not None and t.dim() > axis}
@@ -107,10 +136,14 @@ class Decoder(nn.Module):
             raise ValueError(f"a call decodes at least one position along {self.seq}, got {steps}")
         return steps
 
-    def _rows(self, args: list[torch.Tensor]) -> int:
-        if self.plan.batch is None:
-            return 1
-        return int(args[0].shape[0]) if args[0].dim() else 1
+
+def _dtype_fits(kind: str, value: torch.Tensor) -> bool:
+    """Whether a tensor's dtype is of the spec's kind: float, int or bool."""
+    if kind == "float":
+        return value.is_floating_point()
+    if kind == "bool":
+        return value.dtype == torch.bool
+    return not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
 
 
 def _sharing(model: nn.Module, graph: Graph) -> nn.Module:

@@ -4,11 +4,13 @@ Decoding runs the model on the new positions only. An op that works on each posi
 projections, norms over features, experts per token) needs nothing from earlier calls; an op that reads earlier
 positions needs them carried: a scan over the axis its cell's states, a linear_scan or delta_rule_scan its
 state, a causal attention the keys and values seen so far, a causal convolution its last window of inputs, a
-cumulative sum or product its running total, a token shift its last inputs, and rotary embeddings at their default positions the count of
-positions seen. Anything that reads later positions, or all of them (a bidirectional or reversed scan, a
-non-causal attention, a reduction, softmax, flip, slice or concatenation along the axis), cannot decode.
+cumulative sum or product its running total, a token shift its last inputs, and rotary embeddings at their default
+positions the count of positions seen. Anything that reads later positions, or all of them (a bidirectional or
+reversed scan, a non-causal attention, a reduction, softmax, flip, slice or concatenation along the axis), cannot
+decode.
 
-The sequence axis is a symbolic size (T by default): every dim whose size has it as a factor is along the axis.
+The sequence axis is a symbolic size (T by default): every dim whose size has it as a factor is along the axis,
+and an op that carries state must run along the axis alone (not B*T, where rows follow one another).
 """
 
 from __future__ import annotations
@@ -209,16 +211,21 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
                 return None
             if a.reverse:
                 raise _Refusal(f"a reversed cumulative {a.fn} along {seq} reads later positions")
+            _alone(ins[0], axis, seq, f"a cumulative {a.fn}")
             return Carried("running_total", key, (rows(outs[0]),))
         case "shift":
             axis = axis_of(0)
             if axis is None or _norm_dim(a.dim, ins[0].rank) != axis:
                 return None
+            _alone(ins[0], axis, seq, "a token shift")
             return Carried("shift", key, (rows(outs[0]),), width=a.steps)
         case "rope":
             if axis_of(0) is not None and axis_of(0) != ins[0].rank - 2:
                 raise _Refusal(f"rope turns positions along dim -2 of {show_shape(ins[0].shape)}, not along {seq}")
-            return None if a.positions else Carried("positions", key)
+            if a.positions:
+                return None
+            _alone(ins[0], axis_of(0), seq, "rope's count of positions")
+            return Carried("positions", key)
         case "attention":
             return _attention(a, ins, reading, seq, key, rows)
         case "conv":
@@ -234,6 +241,14 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
 
 def _norm_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
+
+
+def _alone(t: TensorType, axis: int | None, seq: str, what: str) -> None:
+    """An op that carries state runs along the axis itself: along the axis merged with another one (B*T, each row's
+    positions after the previous row's) it would run on from one row's positions into the next row's."""
+    if axis is not None and t.shape[axis] != Sym.named(seq):
+        raise _Refusal(f"{what} runs along {t.shape[axis]}, {seq} merged with another axis: it runs on from one "
+                       f"row's positions into the next row's")
 
 
 def _index(a, x: TensorType, axis: int | None, seq: str) -> None:
@@ -283,6 +298,7 @@ def _attention(a, ins, reading, seq, key, rows) -> Carried:
     for t, dims, name in zip(ins[:3], reading[:3], "qkv"):
         if dims != [t.rank - 2]:
             raise _Refusal(f"attention's {name} {show_shape(t.shape)} is not along {seq} at dim -2")
+        _alone(t, dims[0], seq, "an attention")
     if not a.causal:
         raise _Refusal("a non-causal attention lets each position read the later ones")
     return Carried("kv_cache", key, (rows(k), rows(v)), window=a.window)
@@ -305,6 +321,7 @@ def _conv(a, x: TensorType, axis: int | None, seq: str, key, rows) -> Carried | 
     width = a.dilation[0] * (a.kernel[0] - 1)
     if a.padding[0] != width:
         raise _Refusal(f"a causal convolution padded by {a.padding[0]} for a reach of {width} changes the length")
+    _alone(x, axis, seq, "a convolution")
     return Carried("conv_window", key, (rows(x),), width=width)
 
 
@@ -319,6 +336,8 @@ def _scan(op, a, data, ins, reading, seq, key, rows) -> Carried | None:
             raise _Refusal(f"scan of {a.cell} steps along {seq} for some sequences but not others")
         if a.reverse:
             raise _Refusal(f"a reversed scan of {a.cell} reads the sequence from its end")
+        for i in seq_at:
+            _alone(ins[i], reading[i][0], seq, f"a scan of {a.cell}")
         return Carried("scan", key, tuple(rows(t) for t in finals))
     # linear_scan: every per-step input has time in front (size 1 where it is the same at every step);
     # delta_rule_scan: q, k and v are [*, T, d], the gate and β [*, T].
@@ -334,4 +353,7 @@ def _scan(op, a, data, ins, reading, seq, key, rows) -> Carried | None:
         return None
     if getattr(a, "reverse", False):
         raise _Refusal(f"a reversed {op} of {a.cell} reads the sequence from its end")
+    for t, d in zip(ins, reading):
+        if d:
+            _alone(t, d[0], seq, f"{op} of {a.cell}")
     return Carried(op, key, tuple(rows(t) for t in finals))
