@@ -5,7 +5,7 @@ from gatedsl.errors import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["SpecError", "Report", "GateInfo", "Target", "check", "compile", "example_inputs", "load_torch_rnn",
-           "aux_outputs", "load_balancing_loss", "generate", "Space", "__version__"]
+           "aux_outputs", "load_balancing_loss", "Space", "Decoder", "DecodeState", "generate", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from gatedsl.losses import load_balancing_loss
 
         return load_balancing_loss
+    if name in ("Decoder", "DecodeState"):  # need torch
+        from gatedsl import decoding
+
+        return getattr(decoding, name)
     if name == "generate":  # needs torch too
         from gatedsl.generation import generate
 

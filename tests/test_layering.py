@@ -20,7 +20,7 @@ LAYERS = [
     ("ir", ("gatedsl.ir", "gatedsl.kernels")),
     ("passes", ("gatedsl.passes",)),
     ("backend", ("gatedsl.backend",)),
-    ("api", ("gatedsl.api", "gatedsl.interop")),
+    ("api", ("gatedsl.api", "gatedsl.interop", "gatedsl.decoding", "gatedsl.generation")),
     ("search", ("gatedsl.search",)),
     ("cli", ("gatedsl", "gatedsl.__main__", "gatedsl.cli", "gatedsl.bench")),
 ]

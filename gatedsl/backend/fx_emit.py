@@ -63,17 +63,17 @@ def build_module_tree(params: list[ParamSpec], modules: list[ModuleSpec]) -> nn.
     """An nn.Module whose parameters sit at their spec paths, initialised in declaration order."""
     root = nn.Module()
     for p in params:
-        parent, leaf = _parent(root, p.path)
+        parent, leaf = parent_module(root, p.path)
         tensor = torch.empty(p.shape)
         init_tensor(tensor, p.init)
         parent.register_parameter(leaf, nn.Parameter(tensor))
     for m in modules:
-        parent, leaf = _parent(root, m.path)
+        parent, leaf = parent_module(root, m.path)
         parent.add_module(leaf, runtime.Noise() if m.kind == "noise" else nn.Dropout(m.args["p"]))
     return root
 
 
-def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+def parent_module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     *parts, leaf = path.split(".")
     module = root
     for part in parts:
@@ -125,20 +125,20 @@ def init_tensor(tensor: torch.Tensor, spec: InitSpec) -> None:
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, leaf = _parent(root, path)
+    parent, leaf = parent_module(root, path)
     parent._modules[leaf] = module
 
 
 def _module_at(root: nn.Module, path: str) -> nn.Module:
     """The module at `path`, made empty where the spec put nothing there (a cell without weights)."""
-    parent, leaf = _parent(root, path)
+    parent, leaf = parent_module(root, path)
     if leaf not in parent._modules:
         parent.add_module(leaf, nn.Module())
     return parent._modules[leaf]
 
 
 # ------------------------------------------------------------------ graphs
-class _Emitter:
+class Emitter:
     def __init__(self, graph: Graph, root: nn.Module, prefix: str):
         self.ir = graph
         self.root = root
@@ -197,20 +197,10 @@ class _Emitter:
 
 
 def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.GraphModule:
-    em = _Emitter(graph, root, prefix)
+    em = Emitter(graph, root, prefix)
     for n in graph.order():
         data = graph.node(n)
-        args = [em.values[p] for p in data["inputs"]]
-        lower = LOWERINGS.get(data["op"]) or _fused
-        out = lower(em, data, args)
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        if len(data["types"]) > 1 and len(outs) == 1:
-            named = data.get("out_names", {})
-            outs = [em.call(operator.getitem, (outs[0], i), name=named.get(i, f"{data['name']}_{i}"))
-                    for i in range(len(data["types"]))]
-        for i, (node, ttype) in enumerate(zip(outs, data["types"])):
-            em.values[(n, i)] = node
-            em.record(node, ttype)
+        emit_node(em, n, data, lower_node(em, data, [em.values[p] for p in data["inputs"]]))
     if top and graph.aux:  # every call hands its aux values to a recorder on the module (gatedsl.aux_outputs)
         root.add_module("_aux", runtime.AuxRecorder([name for name, _ in graph.aux]))
         em.fx.call_module("_aux", tuple(em.values[port] for _, port in graph.aux))
@@ -227,10 +217,27 @@ def _emit_graph(graph: Graph, root: nn.Module, prefix: str, top: bool) -> fx.Gra
         # (a hoisted input projection) stays here, at its path, so the state_dict is unchanged.
         for name, param in owner.named_parameters():
             if not _has_parameter(gm, name):
-                parent, leaf = _parent(gm, name)
+                parent, leaf = parent_module(gm, name)
                 parent.register_parameter(leaf, param)
         _follow_order(gm, owner)  # declaration order, as at every opt level, not the order of first use
     return gm
+
+
+def lower_node(em: Emitter, data: dict, args: list[fx.Node]):
+    """The fx value(s) of one node: its op's lowering, or the registry's dispatch for a fused op."""
+    return (LOWERINGS.get(data["op"]) or _fused)(em, data, args)
+
+
+def emit_node(em: Emitter, n: int, data: dict, out) -> None:
+    """Record what lowering node `n` gave (one fx value, or one per result) as its results' values."""
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    if len(data["types"]) > 1 and len(outs) == 1:
+        named = data.get("out_names", {})
+        outs = [em.call(operator.getitem, (outs[0], i), name=named.get(i, f"{data['name']}_{i}"))
+                for i in range(len(data["types"]))]
+    for i, (node, ttype) in enumerate(zip(outs, data["types"])):
+        em.values[(n, i)] = node
+        em.record(node, ttype)
 
 
 def _follow_order(module: nn.Module, like: nn.Module) -> None:
@@ -256,11 +263,16 @@ def _has_parameter(module: nn.Module, path: str) -> bool:
 
 
 # ------------------------------------------------------------- lowerings
-LOWERINGS: dict[str, Callable[[_Emitter, dict, list[fx.Node]], Any]] = {}
+LOWERINGS: dict[str, Callable[[Emitter, dict, list[fx.Node]], Any]] = {}
 
 
 def _fused(em, data, args):
     """A fused op (gatedsl/kernels/catalog.py): one call of the registry's dispatch, which picks its kernel per call."""
+    return em.call(fused_runner(data), tuple(args), name=data["name"])
+
+
+def fused_runner(data: dict) -> Callable:
+    """The function that runs fused op `data` on its tensors through the registry's dispatch."""
     from gatedsl.kernels.registry import dispatch, fused_ops, prepare
 
     fused = fused_ops()[data["op"]]  # a KeyError here is an op the backend has no lowering for: a bug
@@ -272,7 +284,7 @@ def _fused(em, data, args):
         return dispatch(fused.name, a, key, *tensors)
 
     run.__name__ = run.__qualname__ = fused.name
-    return em.call(run, tuple(args), name=data["name"])
+    return run
 
 
 def lowering(op: str):
@@ -564,12 +576,16 @@ def _noise(em, data, args):
     return em.fx.call_module(em.rel(data["attrs"].module), (args[0],))
 
 
+def scan_cell(em, a) -> fx.Node:
+    """The scanned cell, emitted as a sub-module at the scan's path (where its weights are)."""
+    _set_submodule(em.root, a.path, _emit_graph(a.body, em.root, prefix=a.path + ".", top=False))
+    return em.fx.get_attr(em.rel(a.path))
+
+
 @lowering("scan")
 def _scan(em, data, args):
     a = data["attrs"]
-    body = _emit_graph(a.body, em.root, prefix=a.path + ".", top=False)
-    _set_submodule(em.root, a.path, body)
-    cell = em.fx.get_attr(em.rel(a.path))
+    cell = scan_cell(em, a)
     if a.kernel != "loop":  # torch's fused GRU / LSTM on the cell's own weights, by their paths in the cell
         weights = tuple(tuple(path[len(a.path) + 1:] for path in group) for group in a.weights)
         return em.call(runtime.native_rnn, (cell, tuple(args), a.kernel, weights, a.reverse, a.last, a.axes[0]),
