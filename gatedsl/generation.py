@@ -320,7 +320,8 @@ def _tensor_rows(prompts: Tensor, lengths: Sequence[int] | Tensor | None, paddin
 def _stop_tokens(stop: int | Sequence[int] | None, vocab: int) -> set[int]:
     if stop is None:
         return set()
-    stops = [stop] if _is_int(stop) else list(stop) if isinstance(stop, (Sequence, Tensor)) else None
+    stops = [stop] if _is_int(stop) else list(stop) if isinstance(stop, (Sequence, Tensor)) and \
+        not isinstance(stop, (str, bytes)) else None
     if stops is None:
         raise TypeError(f"stop must be a token id or a list of them, got {type(stop).__name__}")
     stops = [t.item() if isinstance(t, Tensor) else t for t in stops]

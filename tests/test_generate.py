@@ -9,6 +9,7 @@ else the test would compare ties).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,10 @@ MODELS = {  # tiny configurations: two layers, a vocabulary of 23
 PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5], [3, 5, 8, 9, 7, 9, 3], [2, 6, 5]]  # different lengths, one repeated
 
 
-def compiled(name: str, opt_level: int = 2, seed: int = 0):
+@functools.cache  # shared by the tests, which leave it as they found it (generate restores the training flag)
+def compiled(name: str, opt_level: int = 2):
     spec, params = MODELS[name]
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return gatedsl.compile(spec, params, opt_level=opt_level).double()
 
 
@@ -149,15 +151,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_at_least_one_token():
 def test_a_row_that_emits_a_stop_token_stops_and_the_others_go_on():
     model = compiled("mixtral")
     free = generate(model, PROMPTS, 8).tokens
-    stop = free[0][2]  # row 0's third token
+    stop = max(free[0], key=free[0].index)  # the token of row 0 that comes first the latest
     result = generate(model, PROMPTS, 8, stop=stop)
     for free_row, row, finished in zip(free, result.tokens, result.finished):
         cut = free_row.index(stop) + 1 if stop in free_row else len(free_row)
         assert row == free_row[:cut]
         assert finished == ("stop" if stop in free_row else "length")
-    assert result.finished[0] == "stop" and len(result.tokens[0]) == 3
-    several = generate(model, PROMPTS, 8, stop=[free[0][1], free[1][0]])
-    assert len(several.tokens[0]) <= 2 and several.tokens[1] == free[1][:1]
+    assert result.finished[0] == "stop" and 1 < len(result.tokens[0]) < 8 > min(map(len, result.tokens))
+    assert "length" in result.finished  # some row went on to the end
+    several = generate(model, PROMPTS, 8, stop=[free[0][0], free[1][0]])
+    assert several.tokens[:2] == [free[0][:1], free[1][:1]] and several.finished[:2] == ["stop", "stop"]
 
 
 def test_every_row_stopping_ends_the_loop():
@@ -180,7 +183,7 @@ def test_padded_tensor_and_progress():
 
 
 def test_the_model_returns_to_its_mode_and_runs_without_gradients():
-    model = compiled("gla_lm").eval()
+    model = gatedsl.compile(GLA_LM, MODELS["gla_lm"][1]).eval()
     generate(model, [[1, 2]], 2)
     assert not model.training
     model.train()
