@@ -9,10 +9,12 @@ it would get decoded alone: rows are prefilled in groups of one prompt length, t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -78,10 +80,12 @@ def generate(model: nn.Module | Decoder, prompts: Sequence[Sequence[int]] | Tens
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | torch.Generator | None = None, stop: int | Sequence[int] | None = None,
              lengths: Sequence[int] | Tensor | None = None, padding: str = "left", input: str | None = None,
-             output: str | None = None, progress: Callable[[int, int], None] | None = None) -> Generation:
+             output: str | None = None, context: dict[str, Tensor] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Generation:
     """Up to `max_new_tokens` new tokens after each prompt, from a model compiled by gatedsl.compile (or its Decoder).
 
-    The model takes token ids int[B, T] (`input` names them when it has several inputs) and returns next-token
+    The model takes token ids int[B, T] (`input` names them when it has several inputs; `context` gives the others,
+    which must not run along T, by name: a row per prompt where they have the batch dim B) and returns next-token
     scores [B, T, V] (`output` picks one of several outputs); it must be causal along T (Decoder raises a SpecError
     at the construct that is not). `prompts` is a list of prompts, each a list of token ids, or a LongTensor [B, L]
     whose rows hold `lengths` tokens each (all L if not given), padded on the `padding` side ("left", as transformers
@@ -92,7 +96,8 @@ def generate(model: nn.Module | Decoder, prompts: Sequence[Sequence[int]] | Tens
     after each new token. The model runs in eval mode under torch.no_grad(); its training flag is restored after.
     """
     plan = plan_generation(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=stop, lengths=lengths, padding=padding, input=input, output=output)
+                           seed=seed, stop=stop, lengths=lengths, padding=padding, input=input, output=output,
+                           context=context)
     return plan.run(progress)
 
 
@@ -101,6 +106,9 @@ class GenerationPlan:
     """A checked call of `generate`, ready to run: the decoder, the prompts, and how each new token is chosen."""
 
     decoder: Decoder
+    token_input: str
+    context: dict[str, Tensor]  # the model's other inputs
+    per_row: frozenset[str]  # those of them with a row per prompt
     prompts: list[list[int]]
     max_new_tokens: int
     temperature: float
@@ -140,7 +148,7 @@ class GenerationPlan:
         states, scores = [], []
         for members in by_length.values():
             ids = torch.tensor([rows[r] for r in members], dtype=torch.long, device=device)
-            outputs, state = self.decoder.prefill(ids)
+            outputs, state = self.decoder.prefill(**self._inputs(ids, members))
             active += members
             states.append(state)
             scores.append(self._last_scores(outputs))
@@ -162,9 +170,15 @@ class GenerationPlan:
                 kept = torch.tensor(going, dtype=torch.long, device=device)
                 state, chosen = state.select(kept), chosen[kept]
                 active = [active[i] for i in going]
-            outputs, state = self.decoder.step(chosen[:, None], state=state)
+            outputs, state = self.decoder.step(**self._inputs(chosen[:, None], active), state=state)
             logits = self._last_scores(outputs)
         return tokens, finished
+
+    def _inputs(self, ids: Tensor, rows: list[int]) -> dict[str, Tensor]:
+        """The model's inputs by name for the given prompts' rows: their token ids and their rows of the context."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return {self.token_input: ids} | {name: value[index.to(value.device)] if name in self.per_row else value
+                                           for name, value in self.context.items()}
 
     def _last_scores(self, outputs: Any) -> Tensor:
         return (outputs if self.picked is None else outputs[self.picked])[:, -1]
@@ -181,7 +195,7 @@ def plan_generation(model: nn.Module | Decoder, prompts: Sequence[Sequence[int]]
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | torch.Generator | None = None, stop: int | Sequence[int] | None = None,
                     lengths: Sequence[int] | Tensor | None = None, padding: str = "left", input: str | None = None,
-                    output: str | None = None) -> GenerationPlan:
+                    output: str | None = None, context: dict[str, Tensor] | None = None) -> GenerationPlan:
     """`generate`'s arguments checked, before anything runs: ValueError or TypeError for a bad one, SpecError for
     a model that cannot generate (its input is not token ids, its output not scores, or it is not causal)."""
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
@@ -190,14 +204,17 @@ def plan_generation(model: nn.Module | Decoder, prompts: Sequence[Sequence[int]]
     token_input, scores_output, vocab, seq = token_interface(module, input, output)
     rows = prompt_rows(prompts, lengths, padding, vocab)
     stops = _stop_tokens(stop, vocab)
+    device = _device(module)
+    given, per_row = context_inputs(module, token_input, context, len(rows), device)
     if decoder is None:
         decoder = Decoder(module, seq=seq)
-    if len(decoder.inputs) != 1:
-        raise ValueError(f"generate feeds the model only its token ids ({token_input}), but it takes "
-                         f"{len(decoder.inputs)} inputs: {', '.join(decoder.inputs)}")
+    elif decoder.seq != seq:
+        raise ValueError(f"the decoder runs along {decoder.seq}, but the model's token ids {token_input} run "
+                         f"along {seq}")
     picked = decoder.outputs.index(scores_output) if len(decoder.outputs) > 1 else None
-    generator = torch.Generator(device=_device(module)).manual_seed(seed) if _is_int(seed) else seed
-    return GenerationPlan(decoder, rows, max_new_tokens, float(temperature), top_k, top_p, generator,
+    generator = torch.Generator(device=device).manual_seed(int(seed)) if _is_int(seed) else seed
+    return GenerationPlan(decoder, token_input, given, per_row, rows, int(max_new_tokens), float(temperature),
+                          None if top_k is None else int(top_k), None if top_p is None else float(top_p), generator,
                           frozenset(stops), picked)
 
 
@@ -222,7 +239,7 @@ def token_interface(module: nn.Module, input: str | None, output: str | None) ->
     if input is None:
         if len(inputs) > 1:
             raise ValueError(f"the model has {len(inputs)} inputs ({', '.join(inputs)}): name its token ids "
-                             f"with input=")
+                             f"with input= (and give the others with context=)")
         input = next(iter(inputs))
     elif input not in inputs:
         raise ValueError(f"input={input!r}: the model's inputs are {', '.join(inputs)}")
@@ -251,6 +268,38 @@ def token_interface(module: nn.Module, input: str | None, output: str | None) ->
     return input, output, scores.shape[2], str(ids.shape[1])
 
 
+def context_inputs(module: nn.Module, token_input: str, context: dict[str, Tensor] | None, batch: int,
+                   device: torch.device) -> tuple[dict[str, Tensor], frozenset[str]]:
+    """The model's inputs other than its token ids, from `context`, on the model's device, and which of them have a
+    row per prompt (their first dim is the token ids' batch dim B); ValueError for one missing, one not the model's,
+    one that runs along T (generate feeds only token ids along it) or one with a row count other than the prompts'."""
+    graph = module._ir
+    declared = {name: graph.node(node)["attrs"].type for name, node in graph.inputs if name != token_input}
+    context = {} if context is None else context
+    if not isinstance(context, dict) or not all(isinstance(v, Tensor) for v in context.values()):
+        raise TypeError("context must be a dict of the model's other inputs by name, each a tensor")
+    unknown = [name for name in context if name not in declared]
+    if unknown:
+        raise ValueError(f"context names {unknown[0]!r}, which is not an input of the model other than its token ids"
+                         + (f" (those are: {', '.join(declared)})" if declared else " (it has none)"))
+    missing = [name for name in declared if name not in context]
+    if missing:
+        raise ValueError(f"the model's input{'s' * (len(missing) > 1)} {', '.join(missing)} must be given with "
+                         f"context=")
+    b, t = graph.node(dict(graph.inputs)[token_input])["attrs"].type.shape
+    per_row = []
+    for name, type_ in declared.items():
+        if t in type_.shape:
+            raise ValueError(f"the model's input {name} runs along {t}, but generate feeds along {t} only the "
+                             f"token ids")
+        if type_.shape and type_.shape[0] == b:
+            per_row.append(name)
+            if context[name].dim() == 0 or context[name].shape[0] != batch:
+                raise ValueError(f"context {name} needs a row for each of the {batch} prompts, got shape "
+                                 f"{list(context[name].shape)}")
+    return {name: value.to(device) for name, value in context.items()}, frozenset(per_row)
+
+
 def _type(t) -> str:
     shape = ", ".join(str(d) for d in t.shape)
     return f"[{shape}]" if t.dtype == "float" else f"{t.dtype}[{shape}]"
@@ -274,7 +323,8 @@ def _check_options(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def prompt_rows(prompts: Sequence[Sequence[int]] | Tensor, lengths: Sequence[int] | Tensor | None, padding: str,
@@ -288,7 +338,8 @@ def prompt_rows(prompts: Sequence[Sequence[int]] | Tensor, lengths: Sequence[int
         if lengths is not None:
             raise ValueError("lengths goes with a padded tensor of prompts; a list of prompts gives each its length")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or \
-                any(isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, Tensor)) for p in prompts):
+                any(isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, Tensor)) or
+                    isinstance(p, Tensor) and p.dim() != 1 for p in prompts):
             raise TypeError("prompts must be a list of prompts, each a list of token ids (one prompt: [[1, 2, 3]]), "
                             "or a LongTensor [B, L]")
         rows = [p.tolist() if isinstance(p, Tensor) else list(p) for p in prompts]
@@ -301,7 +352,7 @@ def prompt_rows(prompts: Sequence[Sequence[int]] | Tensor, lengths: Sequence[int
         if bad:
             raise ValueError(f"prompt {i} holds {bad[0]!r}: token ids are ints from 0 to {vocab - 1} "
                              f"(the model scores {vocab} tokens)")
-    return rows
+    return [[int(t) for t in row] for row in rows]
 
 
 def _tensor_rows(prompts: Tensor, lengths: Sequence[int] | Tensor | None, padding: str) -> list[list[int]]:
@@ -328,4 +379,4 @@ def _stop_tokens(stop: int | Sequence[int] | None, vocab: int) -> set[int]:
     bad = [t for t in stops if not _is_int(t) or not 0 <= t < vocab]
     if bad:
         raise ValueError(f"stop token {bad[0]!r} is not a token id: they are ints from 0 to {vocab - 1}")
-    return set(stops)
+    return {int(t) for t in stops}

@@ -92,6 +92,39 @@ def test_a_decoder_may_be_passed_instead_of_the_model():
     assert generate(decoder, PROMPTS, 4) == generate(model, PROMPTS, 4)
 
 
+STYLED = """\
+model Styled(vocab: int = 13) {
+  input style: [B, 4]
+  input ids: int[B, T]
+  input scale: [8]
+  h = (embedding(ids, vocab, 8) + unsqueeze(linear(style, 8), 1)) * scale
+  output logits = linear(cumsum(tanh(h), dim=1), vocab)
+}
+"""
+
+
+def test_the_models_other_inputs_come_from_context():
+    torch.manual_seed(0)
+    model = gatedsl.compile(STYLED).double()
+    style, scale = torch.randn(len(PROMPTS), 4, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
+    result = generate(model, PROMPTS, 4, input="ids", context={"style": style, "scale": scale})
+    assert result.tokens == [argmax_continuation(lambda ids: model(style[i:i + 1], ids, scale), p, 4)
+                             for i, p in enumerate(PROMPTS)]
+    assert result.tokens != generate(model, PROMPTS, 4, input="ids", context={"style": -style, "scale": scale}).tokens
+    for context, error, match in [
+        ({"style": style}, ValueError, "input scale must be given with context="),
+        ({"style": style, "scale": scale, "other": scale}, ValueError, "context names 'other'"),
+        ({"style": style[:2], "scale": scale}, ValueError, "context style needs a row for each of the 5 prompts"),
+        ({"style": style, "scale": [1.0] * 8}, TypeError, "each a tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            generate(model, PROMPTS, 4, input="ids", context=context)
+    along = gatedsl.compile("model A() {\n  input a: int[B, T]\n  input b: [B, T, 2]\n"
+                            "  output y = linear(embedding(a, 9, 2) + b, 9)\n}")
+    with pytest.raises(ValueError, match="input b runs along T, but generate feeds along T only the token ids"):
+        generate(along, [[1]], 1, input="a", context={"b": torch.zeros(1, 1, 2)})
+
+
 # ---------------------------------------------------------------- sampling
 def test_the_same_seed_gives_the_same_tokens_and_other_seeds_other_ones():
     model = compiled("gla_lm")
@@ -205,6 +238,7 @@ def test_the_model_returns_to_its_mode_and_runs_without_gradients():
     (dict(stop=VOCAB), ValueError, "stop token"),
     (dict(stop="1"), TypeError, "stop"),
     (dict(prompts=[1, 2, 3]), TypeError, r"\[\[1, 2, 3\]\]"),
+    (dict(prompts=[torch.tensor(1)]), TypeError, "each a list of token ids"),
     (dict(prompts=[]), ValueError, "no prompts"),
     (dict(prompts=[[1], []]), ValueError, "prompt 1 is empty"),
     (dict(prompts=[[1, VOCAB]]), ValueError, f"0 to {VOCAB - 1}"),
@@ -235,7 +269,10 @@ def test_a_model_that_is_not_a_language_model_is_refused_at_its_declaration():
     pooled = gatedsl.compile("model P() {\n  input ids: int[B, T]\n  output y = linear(mean(embedding(ids, 9, 4), dim=1), 9)\n}")
     with pytest.raises(gatedsl.SpecError, match=r"output y: \[B, 9\] is not next-token scores \[B, T, V\]"):
         generate(pooled, [[1]], 1)
+    pointwise = gatedsl.compile("model E() {\n  input ids: int[B, T]\n  output y = linear(embedding(ids, 9, 4), 9)\n}")
+    with pytest.raises(ValueError, match="the decoder runs along B, but the model's token ids ids run along T"):
+        generate(gatedsl.Decoder(pointwise, seq="B"), [[1]], 1)
     two = gatedsl.compile("model Two() {\n  input a: int[B, T]\n  input b: int[B, T]\n"
                           "  output y = linear(embedding(a, 9, 4) + embedding(b, 9, 4), 9)\n}")
-    with pytest.raises(ValueError, match=r"2 inputs \(a, b\): name its token ids with input="):
+    with pytest.raises(ValueError, match=r"2 inputs \(a, b\): name its token ids with input= \(and give the others"):
         generate(two, [[1]], 1)
