@@ -5,7 +5,7 @@ from gatedsl.errors import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["SpecError", "Report", "GateInfo", "Target", "check", "compile", "example_inputs", "load_torch_rnn",
-           "aux_outputs", "load_balancing_loss", "Space", "Decoder", "DecodeState", "__version__"]
+           "aux_outputs", "load_balancing_loss", "Space", "Decoder", "DecodeState", "generate", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from gatedsl import decoding
 
         return getattr(decoding, name)
+    if name == "generate":  # needs torch too
+        from gatedsl.generation import generate
+
+        return generate
     if name == "Space":  # on first use too: `import gatedsl` (and `gatedsl check`) loads nothing of the search
         from gatedsl.search import Space
 

@@ -1,4 +1,4 @@
-"""The `gatedsl` command: check, compile, graph, bench and search; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
+"""The `gatedsl` command: check, compile, graph, bench, search and generate; exit 0 ok, 1 spec errors, 2 usage errors, 3 internal errors."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     from gatedsl.cli.search import add_arguments as search_arguments  # argparse only; optuna loads when it runs
 
     search_arguments(p)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("generate", help="new tokens from a spec's language model after prompts of token ids")
+    from gatedsl.cli.generate import add_arguments as generate_arguments  # argparse only; torch loads when it runs
+
+    generate_arguments(p)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -235,7 +241,14 @@ def _search(args) -> int:
     return run(args)
 
 
-_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph, "bench": _bench, "search": _search}
+def _generate(args) -> int:
+    from gatedsl.cli.generate import run
+
+    return run(args)
+
+
+_COMMANDS = {"check": _check, "compile": _compile, "graph": _graph, "bench": _bench, "search": _search,
+             "generate": _generate}
 
 
 if __name__ == "__main__":
