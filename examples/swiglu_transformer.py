@@ -87,8 +87,9 @@ def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, head
         torch.manual_seed(seed)
         model, ids, alphabet = text_and_model(SPEC, context, d, layers, heads)
         result = train_language_model(model, ids, context, steps, batch, lr, log_every, seed)
-        prompt = decode(split_text(ids)[1][:context], alphabet)  # the start of the held-out text
-        print("sample:", repr(continue_text(model, prompt, alphabet, 80, context, temperature=1, seed=seed)))
+        prompt = decode(split_text(ids)[1][:context // 4], alphabet)  # the start of the held-out text
+        # Decoded one character at a time; the learned positions end at `context`, and so does the text.
+        print("sample:", repr(continue_text(model, prompt, alphabet, context - len(prompt), temperature=1, seed=seed)))
         return result
     finally:
         torch.set_num_threads(threads)
