@@ -12,6 +12,7 @@ along the axis is a SpecError at the first construct that prevents it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -60,6 +61,12 @@ class Decoder(nn.Module):
         return self._call(state, inputs, named)
 
     forward = prefill
+
+    def __reduce__(self):  # pickled and copied as the model and the axis: the step graph is derived again
+        return (Decoder, (self.model, self.seq))
+
+    def __deepcopy__(self, memo):
+        return Decoder(copy.deepcopy(self.model, memo), self.seq)
 
     def _call(self, state: DecodeState | None, inputs, named) -> tuple[Any, DecodeState]:
         args = self._arguments(inputs, named)

@@ -1301,6 +1301,7 @@ def test_every_builtin_is_exercised():
         "dropout", "learned", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
         "noise_like",  # tested in tests/test_aux.py
         "rope",  # tested in tests/test_attention_primitives.py
+        "shift",  # tested in tests/test_shift.py
         "param_count", "flop_count",  # budgets, tested in tests/test_search_space.py
         # static helpers, tested below
         "int", "round", "ceil", "floor", "round_up",

@@ -29,3 +29,9 @@ def test_readme_tour_compiles_and_runs(tmp_path, cell):
     y.sum().backward()
     assert y.shape == (2, 6, 8)
     assert "layers.1.cell" in " ".join(gm.state_dict())
+
+
+def test_readme_decoding_example_runs(monkeypatch):
+    monkeypatch.chdir(README.parent)  # its paths are the repository's
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "gatedsl.Decoder(" in b)
+    exec(compile(block, "README.md", "exec"), {})

@@ -78,6 +78,12 @@ def _rope(em, data, args, carried: Carried, call):
     return em.call(decode_runtime.rope, (call, args[0], a.theta, a.rotary_dim), name=data["name"])
 
 
+def _shift(em, data, args, carried: Carried, call):
+    a = data["attrs"]
+    return em.call(decode_runtime.shift, (call, carried.key, carried.batch_dims, args[0], a.dim, a.steps, a.value,
+                                          args[1] if a.given else None), name=data["name"])
+
+
 CARRYING = {
     "scan": _scan,
     "linear_scan": _fused_scan,
@@ -86,4 +92,5 @@ CARRYING = {
     "conv_window": _conv,
     "running_total": _running_total,
     "positions": _rope,
+    "shift": _shift,
 }

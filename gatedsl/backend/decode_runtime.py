@@ -114,3 +114,12 @@ def running_total(call: DecodeCall, key, batch_dims, x, fn, dim):
 def rope(call: DecodeCall, x, theta, rotary_dim):
     """Rotary embedding at the new positions' numbers (a prefill's are 0..t-1)."""
     return runtime.rope(x, call.positions(x.device), theta, rotary_dim)
+
+
+def shift(call: DecodeCall, key, batch_dims, x, dim, steps, value, fill=None):
+    """A token shift of the new positions, the previous call's last `steps` inputs (a prefill: the fill) before them."""
+    entry = call.get(key)
+    before = entry.tensors[0] if entry is not None else runtime.shift_fill(x, dim, steps, value, fill)
+    full = torch.cat([before, x], dim=dim)
+    call.put(key, "shift", (full.narrow(dim, full.shape[dim] - steps, steps),), batch_dims)
+    return full.narrow(dim, 0, x.shape[dim])

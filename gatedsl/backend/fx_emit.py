@@ -507,6 +507,12 @@ def _flip(em, data, args):
     return em.call(torch.flip, (args[0], [data["attrs"].dim]), name=data["name"])
 
 
+@lowering("shift")
+def _shift(em, data, args):
+    a = data["attrs"]
+    return em.call(runtime.shift, (args[0], a.dim, a.steps, a.value, args[1] if a.given else None), name=data["name"])
+
+
 @lowering("reduce")
 def _reduce(em, data, args):
     a = data["attrs"]

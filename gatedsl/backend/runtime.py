@@ -300,6 +300,23 @@ def attention(q, k, v, mask, lengths, causal, window, left_padded, scale, groups
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **kwargs)
 
 
+def shift(x, dim, steps, value, fill=None):
+    """x moved `steps` positions later along dim, the first ones `fill` (a slice, broadcast) or `value`."""
+    length = x.shape[dim]
+    kept = min(steps, length)
+    return torch.cat([shift_fill(x, dim, kept, value, fill), x.narrow(dim, 0, length - kept)], dim=dim)
+
+
+def shift_fill(x, dim, steps, value, fill):
+    """`steps` positions of a shift's fill, shaped like x but along dim."""
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    shape[dim] = steps
+    if fill is None:
+        return x.new_full(shape, value)
+    return fill.to(x.dtype).expand(shape[:dim] + shape[dim + 1:]).unsqueeze(dim).expand(shape)
+
+
 def split_heads(x, heads):
     """[*, T, D] -> [*, heads, T, D/heads]"""
     return x.unflatten(-1, (heads, -1)).transpose(-2, -3)

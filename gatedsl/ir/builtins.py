@@ -634,6 +634,24 @@ def _flip(el, call, a):
     return el.add("flip", {"dim": a["dim"][0]}, [a["x"][0]], call.span)[0]
 
 
+@builtin("shift", Arg("x", "tensor"), Arg("dim", "int", -2), Arg("steps", "int", 1), Arg("fill", "any", 0.0))
+def _shift(el, call, a):
+    """shift(x, dim, steps, fill): x moved `steps` positions later along dim (a token shift: y_t = x_{t−1}), the
+    first positions `fill`, a number or a tensor of one slice's shape; works on a symbolic dim, and decodes."""
+    x = a["x"][0]
+    dim = a["dim"][0]
+    _dim_arg(el, x, dim, a["dim"][1])
+    steps, span = a["steps"]
+    if steps < 1:
+        raise SpecTypeError(f"shift moves by at least one position, got steps={steps}", span)
+    fill, fspan = a["fill"]
+    if isinstance(fill, Tensor):
+        return el.add("shift", {"dim": dim, "steps": steps, "given": True}, [x, fill], call.span)[0]
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+        raise SpecTypeError(f"shift's fill is a number or a tensor, got {describe(fill)}", fspan)
+    return el.add("shift", {"dim": dim, "steps": steps, "value": float(fill)}, [x], call.span)[0]
+
+
 @builtin("size", Arg("x", "tensor"), Arg("dim", "int"))
 def _size(el, call, a):
     """The (static, possibly symbolic) size of one dim."""

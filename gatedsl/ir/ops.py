@@ -713,7 +713,9 @@ def _slice_len(size: Dim, start, stop, step) -> Dim:
         return size
     if step in (None, 1) and stop is not None and (start is None or start >= 0) and stop >= 0:
         return stop - (start or 0)  # a static prefix of a symbolic dim
-    raise ShapeError(f"cannot slice a symbolic dim {size} with [{start}:{stop}:{step}] statically")
+    raise ShapeError(f"cannot slice a symbolic dim {size} with [{start}:{stop}:{step}] statically",
+                     help="a slice of a symbolic dim keeps it whole or takes a static prefix ([:n]); for the "
+                          "previous position along it (a token shift), use shift(x, dim=…)")
 
 
 @op("index", IndexAttrs)
@@ -776,6 +778,30 @@ class FlipAttrs(Attrs):
 def _flip(a, ins):
     _axis(a.dim, ins[0].rank)
     return [ins[0]]
+
+
+class ShiftAttrs(Attrs):
+    """y_t = x_{t−steps} along `dim`, the first `steps` positions filled (a token shift): with `value`, or with the
+    last input where `given`, a tensor broadcasting to one slice of x (x's shape without `dim`)."""
+
+    dim: int
+    steps: int = Field(default=1, ge=1)
+    value: float = 0.0
+    given: bool = False
+
+
+@op("shift", ShiftAttrs)
+def _shift(a: ShiftAttrs, ins):
+    x = ins[0]
+    axis = _axis(a.dim, x.rank)
+    if len(ins) != 1 + a.given:
+        raise ShapeError(f"shift takes x{' and its fill' * a.given}, got {len(ins)} inputs")
+    if a.given:
+        fill, slice_shape = ins[1], x.shape[:axis] + x.shape[axis + 1:]
+        if fill.dtype != x.dtype or broadcast(fill.shape, slice_shape) != slice_shape:
+            raise ShapeError(f"shift's fill {fill} must be a {x.dtype} tensor broadcasting to "
+                             f"{show_shape(slice_shape)}, one slice of x {show_shape(x.shape)} along dim {a.dim}")
+    return [x]
 
 
 # --------------------------------------------------------- reductions, scans

@@ -4,6 +4,7 @@ from gatedsl.passes.check_budgets import check_budgets
 from gatedsl.passes.chunk_delta_rule import chunk_delta_rule
 from gatedsl.passes.count_flops import count_flops
 from gatedsl.passes.count_params import count_params
+from gatedsl.passes.derive_decoding import derive_decoding
 from gatedsl.passes.elaborate import elaborate
 from gatedsl.passes.fuse_gate_chains import fuse_gate_chains
 from gatedsl.passes.fuse_projections import fuse_projections
@@ -32,6 +33,10 @@ PIPELINE = [
     select_kernels,  # every fused op and scan gets its implementation for the target, with the reason
     verify_graph,  # the rewritten graph is as well-formed as the elaborated one
 ]
+
+# Not part of compiling: gatedsl.Decoder runs it on a compiled model's graph to find what each op carries from one
+# decoding call to the next, or the first construct that is not causal along the sequence axis.
+DECODING = derive_decoding
 
 OPTIMIZATIONS = {  # optimisation pass -> the least opt level (-O) at which it runs; every other pass always runs
     lower_recurrences: 1,

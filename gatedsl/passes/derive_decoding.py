@@ -4,7 +4,7 @@ Decoding runs the model on the new positions only. An op that works on each posi
 projections, norms over features, experts per token) needs nothing from earlier calls; an op that reads earlier
 positions needs them carried: a scan over the axis its cell's states, a linear_scan or delta_rule_scan its
 state, a causal attention the keys and values seen so far, a causal convolution its last window of inputs, a
-cumulative sum or product its running total, and rotary embeddings at their default positions the count of
+cumulative sum or product its running total, a token shift its last inputs, and rotary embeddings at their default positions the count of
 positions seen. Anything that reads later positions, or all of them (a bidirectional or reversed scan, a
 non-causal attention, a reduction, softmax, flip, slice or concatenation along the axis), cannot decode.
 
@@ -21,7 +21,7 @@ from gatedsl.ir.graph import Graph
 from gatedsl.ir.types import Dim, Sym, TensorType, numel, show_shape
 
 CarriedKind = Literal["scan", "linear_scan", "delta_rule_scan", "kv_cache", "conv_window", "running_total",
-                      "positions"]
+                      "positions", "shift"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Carried:
     key: str
     batch_dims: tuple[int, ...] = ()  # per carried tensor: the dim of the batch's rows in it, -1 where unknown
     window: int | None = None  # a sliding-window attention's window: older keys are dropped
-    width: int = 0  # a causal convolution's receptive field less one (the inputs it keeps)
+    width: int = 0  # the inputs a causal convolution (its receptive field less one) or a token shift keeps
 
 
 @dataclass
@@ -210,6 +210,11 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
             if a.reverse:
                 raise _Refusal(f"a reversed cumulative {a.fn} along {seq} reads later positions")
             return Carried("running_total", key, (rows(outs[0]),))
+        case "shift":
+            axis = axis_of(0)
+            if axis is None or _norm_dim(a.dim, ins[0].rank) != axis:
+                return None
+            return Carried("shift", key, (rows(outs[0]),), width=a.steps)
         case "rope":
             if axis_of(0) is not None and axis_of(0) != ins[0].rank - 2:
                 raise _Refusal(f"rope turns positions along dim -2 of {show_shape(ins[0].shape)}, not along {seq}")
