@@ -4,6 +4,8 @@ The text is examples/data/corpus.txt (gatedsl's own documentation) where it exis
 otherwise a generated one, so the example always runs (examples/text_data.py loads it). The
 model reads a window of characters and predicts, at every position, the next one; the loss is
 the cross-entropy in nats per character, measured on a tenth of the text that it never trains on.
+Then it writes a sample, decoded a character at a time with its attention's key/value cache; it
+has learned `context` positions, so the prompt and the sample together fill one window.
 
     python examples/swiglu_transformer.py            # under half a minute on a laptop CPU
 """
