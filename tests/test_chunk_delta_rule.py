@@ -271,6 +271,7 @@ def test_explain_lists_the_delta_rule_and_its_kernel(tmp_path, capsys, monkeypat
     kernels = json.loads(capsys.readouterr().out)["kernels"]
     (choice,) = [c for c in kernels if c["op"] == "delta_rule_scan"]
     assert choice["kernel"] == "chunked" and choice["target"]["sizes"]["T"] is None
-    assert {c["kernel"] for c in choice["candidates"]} == {"loop", "chunked", "triton"}
+    assert {c["kernel"] for c in choice["candidates"]} == {"loop", "one_step", "chunked", "triton"}
+    assert choice["decoding"]["kernel"] == "one_step"  # what a decoder's one-token calls run
     assert cli(["compile", str(spec), "-O0", "--json"]) == 0
     assert not [c for c in json.loads(capsys.readouterr().out)["kernels"] if c["op"] == "delta_rule_scan"]

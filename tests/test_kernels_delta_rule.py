@@ -149,9 +149,10 @@ def _context(length, device="cpu", dtype="float32", training=True, rows=8):
     return Context(device, dtype, training, (("T", length), ("K", 64), ("V", 64), ("rows", rows)))
 
 
-def test_the_step_form_for_decoding_the_chunked_form_for_long_sequences():
-    assert registry.choose("delta_rule_scan", _context(1, training=False)).kernel == "loop"
-    assert registry.choose("delta_rule_scan", _context(1)).kernel == "loop"
+def test_the_step_forms_for_decoding_the_chunked_form_for_long_sequences():
+    assert registry.choose("delta_rule_scan", _context(1, training=False)).kernel == "one_step"
+    assert registry.choose("delta_rule_scan", _context(1)).kernel == "one_step"
+    assert registry.choose("delta_rule_scan", _context(2)).kernel == "loop"
     for length in (64, 2048):
         assert registry.choose("delta_rule_scan", _context(length)).kernel == "chunked"
     # Symbolic at compile time: ranked for a long sequence, and said so; each call decides again.
@@ -170,7 +171,7 @@ def test_triton_only_on_cuda_and_in_its_dtypes():
 
 
 def test_dispatch_chooses_by_each_calls_length():
-    for length, kernel in ((100, "chunked"), (1, "loop")):
+    for length, kernel in ((100, "chunked"), (2, "loop"), (1, "one_step")):
         config, tensors = make(length, lead=(2,))
         sizes = registry.fused_ops()["delta_rule_scan"].sizes(config, [tuple(t.shape) for t in tensors])
         assert registry.choose("delta_rule_scan", registry.runtime_context(tensors, sizes)).kernel == kernel

@@ -228,11 +228,11 @@ def ctx(T, gla=True, training=True, device="cpu", dtype="float32", state=4 * 64 
     return Context(device, dtype, training, sizes)
 
 
-def test_short_sequences_and_decoding_run_step_by_step():
+def test_short_sequences_run_step_by_step_and_decoding_one_step():
     for training in (True, False):
-        for T in (1, 2):
-            assert registry.choose("linear_scan", ctx(T, training=training)).kernel == "step"
-            assert registry.choose("linear_scan", ctx(T, gla=False, training=training)).kernel == "step"
+        for gla in (True, False):
+            assert registry.choose("linear_scan", ctx(1, gla=gla, training=training)).kernel == "one_step"
+            assert registry.choose("linear_scan", ctx(2, gla=gla, training=training)).kernel == "step"
 
 
 def test_long_sequences_run_chunk_parallel_where_that_is_faster():

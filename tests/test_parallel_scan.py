@@ -186,8 +186,10 @@ def test_explain_lists_each_linear_scan_with_its_kernel(tmp_path, capsys):
     assert gla["kernel"] == hgrn["kernel"] == "step" and gla["target"]["sizes"]["T"] is None
     assert "each call decides" in next(c["why"] for c in gla["candidates"] if c["kernel"] == "step")
     applies = {name: {c["kernel"]: c["applies"] for c in k["candidates"]} for name, k in kernels.items()}
-    assert applies["GLA"] == {"step": True, "chunked": True, "blocked": True, "triton": False}
-    assert applies["HGRN"] == {"step": True, "chunked": False, "blocked": True, "triton": False}
+    # one_step runs a call of one token: T unknown here, it is named as what such calls run
+    assert applies["GLA"] == {"step": True, "one_step": False, "chunked": True, "blocked": True, "triton": False}
+    assert applies["HGRN"] == {"step": True, "one_step": False, "chunked": False, "blocked": True, "triton": False}
+    assert gla["decoding"]["kernel"] == hgrn["decoding"]["kernel"] == "one_step"
 
 
 def test_a_standalone_export_keeps_the_loop():

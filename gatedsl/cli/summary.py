@@ -101,7 +101,8 @@ def print_summary(rep: Report, console: Console | None = None, given: dict[str, 
 
 def print_kernels(rep: Report, console: Console | None = None) -> None:
     """`--explain`: for every fused op and scan, the kernel chosen for the target, why, and each candidate (+ applies,
-    - does not), wrapped to the terminal's width; a kernel's name is never broken."""
+    - does not), then for an op along a sequence the kernel of one-token calls (decoding) and why, wrapped to the
+    terminal's width; a kernel's name is never broken."""
     console = console or Console(highlight=False, markup=False)
     if not rep.kernels:
         console.print("kernels: no fused ops or scans in this model")
@@ -121,3 +122,7 @@ def print_kernels(rep: Report, console: Console | None = None) -> None:
             name = Text.assemble("+ " if c["applies"] else "- ", (c["kernel"], "bold" if c["applies"] else ""))
             candidates.add_row(name, c["why"] if c["applies"] else f"does not apply: {c['why']}")
         console.print(Padding(candidates, (0, 0, 0, 2), expand=False))
+        decoding = choice.get("decoding")
+        if decoding:  # an op along a sequence: what a decoder's one-token calls run
+            console.print(Padding(Text.assemble("one-token calls (decoding): ", (decoding["kernel"], "bold"),
+                                                f", {decoding['reason']}"), (0, 0, 0, 2), expand=False))

@@ -38,6 +38,11 @@ class Context:
     def size(self, name: str) -> int | None:
         return dict(self.sizes).get(name)
 
+    def with_size(self, name: str, value: int) -> "Context":
+        """This context with size `name` set to `value` (one token's call: the time size set to 1)."""
+        return Context(self.device, self.dtype, self.training,
+                       tuple((n, value if n == name else v) for n, v in self.sizes))
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -67,6 +72,8 @@ class Choice(BaseModel):
     reason: str
     target: dict[str, Any]  # the context it was chosen for: device, dtype, training, sizes
     candidates: list[Candidate]
+    # For an op along a sequence (FusedOp.time): the choice for a call of one token (T = 1), as a decoder makes it
+    decoding: Choice | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class FusedOp:
     # (config, the shapes of its tensor inputs, None for a size not known at compile time) -> named sizes
     sizes: Callable[[Any, list[tuple[int | None, ...]]], tuple[tuple[str, int | None], ...]]
     key: Callable[[Any], str] = repr  # the same for configs that run the same way: caches choices and timings
+    time: str | None = None  # the named size counting the steps of an op along a sequence (a decoder's calls have 1)
 
 
 FUSED_OPS: dict[str, FusedOp] = {}
@@ -112,6 +120,14 @@ def kernels_for(op: str) -> list[Kernel]:
 
 def plain_kernel(op: str) -> Kernel:
     return next(k for k in kernels_for(op) if k.plain)
+
+
+def one_step_only(ctx: Context, time: str = "T") -> str | None:
+    """`Kernel.applies` of a kernel that runs one step of an op along a sequence: a decoder's call for one token."""
+    steps = ctx.size(time)
+    if steps is None:
+        return f"one step only ({time} = 1): {time} is not known at compile time (a call of one token takes it)"
+    return None if steps == 1 else f"one step only ({time} = 1), this call has {time} = {steps}"
 
 
 def _load_catalog() -> None:

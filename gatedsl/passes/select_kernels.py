@@ -3,15 +3,17 @@
 Fused ops (the ops gatedsl/kernels/catalog.py registers) choose among their kernels by the
 registry's cost rule for the target's device, dtype and training mode, with the sizes the
 graph knows statically; the backend runs them through `registry.dispatch`, which makes the
-same choice again for each call's actual tensors. Scans report how they run: on torch's
-fused GRU/LSTM kernel (native_rnn) or step by step. The graph itself is not changed.
+same choice again for each call's actual tensors. An op along a sequence (a linear scan, the
+delta rule) also records the choice for a call of one token, what a decoder's steps run, and
+why. Scans report how they run: on torch's fused GRU/LSTM kernel (native_rnn) or step by step.
+The graph itself is not changed.
 """
 
 from __future__ import annotations
 
 from gatedsl.ir.graph import Graph
 from gatedsl.ir.model import ModelIR
-from gatedsl.kernels.registry import Candidate, Choice, Context, choose, fused_ops
+from gatedsl.kernels.registry import Candidate, Choice, Context, FusedOp, choose, fused_ops, kernels_for
 
 
 def select_kernels(unit: ModelIR) -> ModelIR:
@@ -41,13 +43,27 @@ def _choices(graph: Graph, unit: ModelIR) -> list[Choice]:
         if op in ops:
             sizes = ops[op].sizes(data["attrs"], static_shapes(graph, data))
             ctx = Context(target.device, target.dtype, target.training, sizes)
-            out.append(choose(op, ctx, node=where(data)))
+            choice = choose(op, ctx, node=where(data))
+            if ops[op].time is not None:
+                choice.decoding = _one_token(ops[op], ctx, choice.node)
+            out.append(choice)
         elif op == "scan":
             out.append(_scan_choice(data, unit))
         body = getattr(data["attrs"], "body", None)
         if isinstance(body, Graph):
             out += _choices(body, unit)
     return out
+
+
+def _one_token(fused: FusedOp, ctx: Context, node: str) -> Choice:
+    """The choice for a call of one token (the op's time size 1, as a decoder's steps call it); its reason says what
+    the kernel does and what each kernel that applies costs there."""
+    one = ctx.with_size(fused.time, 1)
+    choice = choose(fused.name, one, node=node)
+    costs = sorted((k.cost(one), k.name) for k in kernels_for(fused.name) if k.applies(one) is None)
+    why = next(k.why for k in kernels_for(fused.name) if k.name == choice.kernel)
+    choice.reason = f"{why}; cost at {fused.time} = 1: " + ", ".join(f"{name} {cost:.3g}" for cost, name in costs)
+    return choice
 
 
 def _scan_choice(data: dict, unit: ModelIR) -> Choice:

@@ -1,7 +1,9 @@
 """delta_rule_scan (passes/chunk_delta_rule.py): the gated delta rule over a sequence, and its kernels.
 
-- loop (reference.py): step by step, as the cell computes it; the plain kernel, and the cheapest for
-  short sequences and decoding (T = 1), where the chunked form's fixed work is not paid back.
+- loop (reference.py): step by step, as the cell computes it; the plain kernel, and the cheapest for a
+  few steps, where the chunked form's fixed work is not paid back.
+- one_step (one_step.py): one step (T = 1, a decoder's call for one token) in the op's own layout: the
+  loop's arithmetic in 7 ops, every layout change a view.
 - chunked (chunked.py): the WY representation in chunks of 64 steps: the UT transform by one
   triangular solve and attention-like products within chunks, a recurrence across chunks, decays in
   log space; autograd through plain torch ops.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from gatedsl.kernels.registry import Context, FusedOp, Kernel, register, register_op
+from gatedsl.kernels.registry import Context, FusedOp, Kernel, one_step_only, register, register_op
 
 OP = "delta_rule_scan"
 CHUNK = 64  # chunked.CHUNK, here without importing torch
@@ -33,7 +35,7 @@ def _key(config) -> str:
     return repr((config.gate, config.beta))  # the cell's body is never run: it plays no part
 
 
-register_op(FusedOp(OP, sizes=_sizes, key=_key))
+register_op(FusedOp(OP, sizes=_sizes, key=_key, time="T"))
 
 # (device) -> seconds per dispatched op, flop/s of a step's matrix-vector products, flop/s of a chunk's
 # matrix products: eager PyTorch on this project's 2-core CPU (measured: the two forms cross at T ≈ 3 for
@@ -56,6 +58,14 @@ def _loop_cost(ctx: Context) -> float:
     return _train(ctx) * T * (8 * dispatch + 8 * rows * K * V / small)
 
 
+def _one_step_cost(ctx: Context) -> float:
+    _, K, V, rows = _shape(ctx)
+    dispatch, small, _ = RATES.get(ctx.device, RATES["cpu"])
+    # 7 ops where the loop's step runs about 15 (it also slices every input and stacks the outputs), the
+    # same flops: measured at about half a step of the loop (benchmarks/step_kernels.py), so half its 8.
+    return _train(ctx) * (4 * dispatch + 8 * rows * K * V / small)
+
+
 def _chunk_flops(T: int, K: int, V: int, rows: int) -> float:
     C = min(CHUNK, T)
     # Per step: K Kᵀ and Q Kᵀ, the triangular solve and the scores' products (each ~C (K + V)), and
@@ -65,8 +75,12 @@ def _chunk_flops(T: int, K: int, V: int, rows: int) -> float:
 
 def _chunked_cost(ctx: Context) -> float:
     T, K, V, rows = _shape(ctx)
-    dispatch, _, big = RATES.get(ctx.device, RATES["cpu"])
-    return _train(ctx) * ((25 + 4 * math.ceil(T / CHUNK)) * dispatch + _chunk_flops(T, K, V, rows) / big)
+    dispatch, small, big = RATES.get(ctx.device, RATES["cpu"])
+    chunks = math.ceil(T / CHUNK)
+    # Its recurrence across chunks does a step's work on the state per chunk, matrices times vectors at a
+    # step's rate: all there is to a call of a few steps, however few its flops.
+    work = max(_chunk_flops(T, K, V, rows) / big, chunks * 8 * rows * K * V / small)
+    return _train(ctx) * ((25 + 4 * chunks) * dispatch + work)
 
 
 TRITON_MAX_DIM = 128  # a program holds a [V, K] state tile and [C, K], [C, V] tiles in registers
@@ -92,8 +106,12 @@ def _triton_cost(ctx: Context) -> float:
 _SYMBOLIC = f"; where T is symbolic at compile time, ranked for T = {NOMINAL_T}: each call decides by its own T"
 register(Kernel(OP, "loop", "gatedsl.kernels.delta_rule.reference:step_loop", applies=lambda ctx: None,
                 cost=_loop_cost, plain=True,
-                why="T steps of ~8 small ops (matrix-vector products); the cheapest for short T and decoding"
-                    + _SYMBOLIC))
+                why="T steps of ~8 small ops (matrix-vector products); the cheapest for a few steps (for one: "
+                    "one_step)" + _SYMBOLIC))
+register(Kernel(OP, "one_step", "gatedsl.kernels.delta_rule.one_step:one_step", applies=one_step_only,
+                cost=_one_step_cost,
+                why="the recurrent step S = α S (I − β k kᵀ) + β v kᵀ, o = S q on the tensors given: O(K·V) per "
+                    "token, no set-up to pay back"))
 register(Kernel(OP, "chunked", "gatedsl.kernels.delta_rule.chunked:chunked", applies=lambda ctx: None,
                 cost=_chunked_cost,
                 why=f"~25 ops plus 4 per chunk of {CHUNK} steps, as matrix products" + _SYMBOLIC))

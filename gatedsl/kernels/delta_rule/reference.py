@@ -3,7 +3,7 @@
 Per row of the leading dims, with the state S: [V, K] mapping keys to values,
     S_t = α_t S_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ,   o_t = S_t q_t
 (Yang, Kautz & Hatamizadeh 2025; α_t = 1 is DeltaNet, Yang et al. 2024). It is the fastest form
-for a few steps (decoding), where the chunked form's set-up costs more than it saves.
+for a few steps, where the chunked form's set-up costs more than it saves (for one alone, one_step.py).
 """
 
 from __future__ import annotations

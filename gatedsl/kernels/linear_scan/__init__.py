@@ -1,7 +1,9 @@
 """linear_scan (passes/parallel_scan.py): S_t = a_t ⊙ S_{t−1} + b_t read out every step, and its kernels.
 
 - step (reference.py): the loop over time, each step as the cell computes it; the plain kernel, and
-  the cheapest for short sequences and decoding (T = 1), where the others' fixed work is not paid back.
+  the cheapest for a few steps, where the others' fixed work is not paid back.
+- one_step (one_step.py): one step (T = 1, a decoder's call for one token): the recurrent update on the
+  tensors given, without the loop's lists and stack, its readout one matrix product.
 - chunked (chunked.py): gated linear attention's chunk-parallel form (a drive k_tᵀ v_t read out as
   o_t = q_t S_t, a scalar or per-key-dim decay proven positive, given as its log): matrix products
   within chunks, weighted by decays in log space, and a recurrence across chunks.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from gatedsl.kernels.registry import Context, FusedOp, Kernel, register, register_op
+from gatedsl.kernels.registry import Context, FusedOp, Kernel, one_step_only, register, register_op
 
 OP = "linear_scan"
 
@@ -41,17 +43,23 @@ def _key(config) -> str:
                  config.reverse, config.last))
 
 
-register_op(FusedOp(OP, sizes=_sizes, key=_key))
+register_op(FusedOp(OP, sizes=_sizes, key=_key, time="T"))
 
 # The cost rule: seconds as measured on the CPU this project is benchmarked on (one thread; process
 # time over T = 1..2048 and states of 256 to 16384 elements), forward and training (forward, backward):
 #   step     T · (3 µs + 1.5 ns · state)            T · (12 µs + 12 ns · state)
 #   blocked  (C + n) · 6 µs + 8 ns · T · state       3 × that              (C ≈ √T steps per block, n blocks)
-#   chunked  0.14 ms + 0.27 ns · T · state           0.8 ms + 0.95 ns · T · state
+#   chunked  0.14 ms + 0.27 ns · T · state           0.8 ms + 0.95 ns · T · state   (per element, a step's per chunk at least)
+#   one_step 2 µs + 1 ns · state (T = 1 only)       8 µs + 8 ns · state
 # so the chunked form wins from T ≈ 6 (≈ 5 in training), while the blocked one wins only where a step's
 # fixed cost outweighs its 4 passes per element (8 ns against the step's 1.5): small states (HGRN at B = 1),
-# long T; on larger states (Mamba's [E, N], HGRN at B = 8) the step loop stays the fastest.
+# long T; on larger states (Mamba's [E, N], HGRN at B = 8) the step loop stays the fastest. One step alone
+# (decoding) costs 0.3 to 0.6 of the loop's step at T = 1 (benchmarks/step_kernels.py): the loop's lists and
+# stack, and an einsum where one matrix product reads the state out, are gone.
 UNKNOWN_STATE = 4096  # elements per step where the batch is symbolic at compile time
+# On a CUDA device a step is launch-bound: LAUNCH per eager op, plus PASS per state element for each pass
+# over memory (estimates, not measured: no GPU was at hand when the step kernels were costed).
+LAUNCH, PASS = 5e-6, 2e-12
 
 
 def _train(ctx: Context, forward: float, training: float) -> float:
@@ -62,12 +70,26 @@ def _state(ctx: Context) -> int:
     return ctx.size("state") or UNKNOWN_STATE
 
 
+def _steps_on_cuda(ctx: Context, T: int, ops: int) -> float:
+    """T steps of `ops` element-wise ops over the state each, on a CUDA device (its backward: twice as many)."""
+    return _train(ctx, 1, 3) * T * ops * (LAUNCH + PASS * _state(ctx))
+
+
 def _step_cost(ctx: Context) -> float:
     T = ctx.size("T")
     if T is None:
         return 0.0  # the compile-time choice when T is symbolic; each call decides with its own T
+    if ctx.device == "cuda":
+        return _steps_on_cuda(ctx, T, 5)  # the decay's step, the drive, its product and sum, the readout
     state = _state(ctx)
     return T * _train(ctx, 3e-6 + 1.5e-9 * state, 12e-6 + 12e-9 * state)
+
+
+def _one_step_cost(ctx: Context) -> float:
+    if ctx.device == "cuda":
+        return _steps_on_cuda(ctx, 1, 4)  # the decay's exp, its product, one addcmul, the readout
+    state = _state(ctx)
+    return _train(ctx, 2e-6 + 1e-9 * state, 8e-6 + 8e-9 * state)
 
 
 def _blocked_cost(ctx: Context) -> float:
@@ -90,8 +112,11 @@ def _chunked_cost(ctx: Context) -> float:
     T = ctx.size("T")
     if T is None:
         return 1.0
-    state = _state(ctx)
-    return _train(ctx, 1.4e-4 + 0.27e-9 * T * state, 8e-4 + 0.95e-9 * T * state)
+    # Its recurrence across chunks does at least a step's work on the state per chunk (the step loop's cost
+    # per element): all there is to a call of a few steps.
+    chunks = math.ceil(T / chunk_size(T))
+    forward = 1.4e-4 + max(0.27e-9 * T, 1.5e-9 * chunks) * _state(ctx)
+    return _train(ctx, forward, 8e-4 + max(0.95e-9 * T, 12e-9 * chunks) * _state(ctx))
 
 
 def _triton_applies(ctx: Context) -> str | None:
@@ -109,13 +134,19 @@ def _triton_applies(ctx: Context) -> str | None:
 
 
 def _triton_cost(ctx: Context) -> float:
-    return _chunked_cost(ctx) / 20  # one launch per direction instead of an op per chunk step
+    # One launch per direction instead of an op per chunk step, after copying q, k, v and the decays into
+    # rows [N, T, ·] and before copying the output back: about 8 launches however short the call.
+    return _chunked_cost(ctx) / 20 + _train(ctx, 8 * LAUNCH, 16 * LAUNCH)
 
 
 register(Kernel(OP, "step", "gatedsl.kernels.linear_scan.reference:step", applies=lambda ctx: None,
                 cost=_step_cost, plain=True,
-                why="T steps of a few ops each; the cheapest for short T and decoding; T unknown at compile "
-                    "time: each call decides by its T"))
+                why="T steps of a few ops each; the cheapest for a few steps (for one: one_step); T unknown at "
+                    "compile time: each call decides by its T"))
+register(Kernel(OP, "one_step", "gatedsl.kernels.linear_scan.one_step:one_step", applies=one_step_only,
+                cost=_one_step_cost,
+                why="the recurrent update S = a ⊙ S + b and its readout on the tensors given: O(state) per token, "
+                    "no fixed cost to pay back"))
 register(Kernel(OP, "chunked", "gatedsl.kernels.linear_scan.chunked:chunked", applies=_chunked_applies,
                 cost=_chunked_cost,
                 why="chunks of 64 steps: matrix products within, a step per chunk across; wins from T ≈ 6"))

@@ -1,7 +1,7 @@
 """The plain-PyTorch reference of linear_scan: a loop over time, each step as the cell computes it.
 
 S_t = a_t ⊙ S_{t−1} + b_t and each step's readout, exactly the scan it replaces; also what every other
-kernel is tested against, and the cheapest one for short sequences and decoding (T = 1).
+kernel is tested against, and the cheapest one for a few steps (for one alone, one_step.py).
 """
 
 from __future__ import annotations
