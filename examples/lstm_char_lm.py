@@ -86,7 +86,7 @@ def train(steps: int, d: int, window: int, batch: int, lr: float, log_every: int
     if generate:
         prompt = "A gate "
         print(f"the model continues {prompt!r} (sampled at temperature 0.5):")
-        written = continue_text(model, prompt, alphabet, generate, window, temperature=0.5, seed=seed)
+        written = continue_text(model, prompt, alphabet, generate, temperature=0.5, seed=seed)
         print("  " + repr(prompt + written))
     return {"initial_loss": initial, "final_loss": final, "train_loss": loss.item(),
             "bits_per_char": final / math.log(2)}

@@ -4,6 +4,8 @@ The text is examples/data/corpus.txt (gatedsl's own documentation) where it exis
 otherwise a generated one, so the example always runs (examples/text_data.py loads it). The
 model reads a window of characters and predicts, at every position, the next one; the loss is
 the cross-entropy in nats per character, measured on a tenth of the text that it never trains on.
+Then it writes a sample, decoded a character at a time with its attention's key/value cache; it
+has learned `context` positions, so the prompt and the sample together fill one window.
 
     python examples/swiglu_transformer.py            # under half a minute on a laptop CPU
 """
@@ -87,8 +89,9 @@ def main(steps: int = 400, context: int = 64, d: int = 64, layers: int = 2, head
         torch.manual_seed(seed)
         model, ids, alphabet = text_and_model(SPEC, context, d, layers, heads)
         result = train_language_model(model, ids, context, steps, batch, lr, log_every, seed)
-        prompt = decode(split_text(ids)[1][:context], alphabet)  # the start of the held-out text
-        print("sample:", repr(continue_text(model, prompt, alphabet, 80, context, temperature=1, seed=seed)))
+        prompt = decode(split_text(ids)[1][:context // 4], alphabet)  # the start of the held-out text
+        # Decoded one character at a time; the learned positions end at `context`, and so does the text.
+        print("sample:", repr(continue_text(model, prompt, alphabet, context - len(prompt), temperature=1, seed=seed)))
         return result
     finally:
         torch.set_num_threads(threads)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+import gatedsl
+
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "data" / "corpus.txt"
 
@@ -67,20 +69,33 @@ def every_window(ids: torch.Tensor, length: int) -> torch.Tensor:
     return ids[:count * length + 1].unfold(0, length + 1, length)
 
 
+def continue_text(model, prompt: str, alphabet: list[str], length: int, temperature: float, seed: int = 0) -> str:
+    """The `length` characters the model writes after `prompt` (see write_ids)."""
+    index = {c: i for i, c in enumerate(alphabet)}
+    return decode(write_ids(gatedsl.Decoder(model), [index[c] for c in prompt], length, temperature, seed), alphabet)
+
+
 @torch.no_grad()
-def continue_text(model, prompt: str, alphabet: list[str], length: int, context: int, temperature: float,
-                  seed: int = 0) -> str:
-    """The `length` characters the model writes after `prompt`, each drawn from softmax(logits / temperature) given
-    at most `context` characters before it (temperature 0 is greedy: always the most likely character)."""
+def write_ids(decoder, prompt: list[int], count: int, temperature: float, seed: int = 0, lap=None) -> list[int]:
+    """The `count` ids the decoder's model writes after `prompt`, decoded incrementally (the prompt in one call, then
+    one id per call, the model's state carried between them), each drawn from softmax(logits / temperature) by a
+    generator seeded with `seed` (temperature 0 is greedy: the most likely); `lap()` is called after each."""
+    model = decoder.model
+    training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    index = {c: i for i, c in enumerate(alphabet)}
-    ids = [index[c] for c in prompt]
-    for _ in range(length):
-        logits = model(torch.tensor([ids[-context:]]))[0, -1]
+    logits, state = decoder.prefill(torch.tensor([prompt]))
+    written: list[int] = []
+    while True:
+        scores = logits[0, -1]
         if temperature == 0:
-            ids.append(int(logits.argmax()))
+            written.append(int(scores.argmax()))
         else:
-            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)))
-    model.train()
-    return decode(ids[len(prompt):], alphabet)
+            written.append(int(torch.multinomial(torch.softmax(scores / temperature, -1), 1, generator=gen)))
+        if lap is not None:
+            lap()
+        if len(written) == count:
+            break
+        logits, state = decoder.step(torch.tensor([written[-1:]]), state=state)
+    model.train(training)
+    return written
