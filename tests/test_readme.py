@@ -35,3 +35,11 @@ def test_readme_decoding_example_runs(monkeypatch):
     monkeypatch.chdir(README.parent)  # its paths are the repository's
     block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "gatedsl.Decoder(" in b)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_generate_example_runs(monkeypatch):
+    monkeypatch.chdir(README.parent)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "gatedsl.generate(" in b)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert [len(row) for row in scope["out"].tokens] == [8, 8] and scope["out"].finished == ["length", "length"]
