@@ -7,9 +7,10 @@ SwiGLU MLPs (std.mlp). The text is examples/data/corpus.txt (the project's own p
 there, else generated sentences (examples/text_data.py loads it). We train on random windows of
 90% of the text and report bits per character and next-character accuracy on the other 10%.
 
-Then the model writes, decoding incrementally (gatedsl.Decoder, by examples/text_data.py's
-write_ids): the prompt in one call, then one character per call that updates each layer's state
-S_t instead of re-reading the text: greedily, and sampled at a temperature with a seed. Last, it writes the greedy text again the way a model without a
+Then the model writes with gatedsl.generate, which decodes incrementally: the prompt in one call,
+then one character per call that updates each layer's state S_t instead of re-reading the text:
+greedily, and sampled (temperature, top-p, a seed) after two prompts of different lengths in one
+batch. Last, it writes the greedy text again the way a model without a
 state must, a full forward over the whole text so far for every character, and prints the time
 per character of both ways.
 
@@ -32,10 +33,9 @@ import gatedsl
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "gla_lm.gate"
 sys.path.insert(0, str(HERE))  # the text and its helpers, shared by the language-model examples, beside this file
-from text_data import (CORPUS, decode, encode, every_window, load_text, random_windows, split_text,  # noqa: E402
-                       write_ids)
+from text_data import CORPUS, decode, encode, every_window, load_text, random_windows, split_text  # noqa: E402
 
-PROMPTS = ["A gate ", "The compiler "]  # greedy writes after the first; sampling after both
+PROMPTS = ["A gate ", "The compiler "]  # greedy writes after the first; sampling after both, in one batch
 
 
 # ---------------------------------------------------------------- training
@@ -113,12 +113,13 @@ def write(model, alphabet: list[str], count: int, seed: int) -> dict:
     built = time.process_time() - started
 
     decoding = Stopwatch()
-    greedy = write_ids(decoder, prompts[0], count, temperature=0, lap=decoding.lap)
+    greedy = gatedsl.generate(decoder, prompts[:1], count, progress=decoding.lap).tokens[0]  # temperature 0
     print(f"greedy continuation of {PROMPTS[0]!r}:")
     print("  " + repr(PROMPTS[0] + decode(greedy, alphabet)))
-    print(f"sampled at temperature 0.8 (seed {seed}):")
-    for prompt, ids in zip(PROMPTS, prompts):
-        print("  " + repr(prompt + decode(write_ids(decoder, ids, count, temperature=0.8, seed=seed), alphabet)))
+    sampled = gatedsl.generate(decoder, prompts, count, temperature=0.8, top_p=0.9, seed=seed)
+    print(f"sampled at temperature 0.8 from the top-p 0.9 nucleus (seed {seed}), both prompts in one batch:")
+    for prompt, tokens in zip(PROMPTS, sampled.tokens):
+        print("  " + repr(prompt + decode(tokens, alphabet)))
 
     forwards = Stopwatch()
     again = greedy_by_full_forwards(model, prompts[0], count, forwards.lap)

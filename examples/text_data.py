@@ -70,32 +70,9 @@ def every_window(ids: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def continue_text(model, prompt: str, alphabet: list[str], length: int, temperature: float, seed: int = 0) -> str:
-    """The `length` characters the model writes after `prompt` (see write_ids)."""
+    """The `length` characters the model writes after `prompt`, decoded incrementally by gatedsl.generate (the prompt
+    in one call, then one character per call, the model's state carried between them), each drawn from
+    softmax(logits / temperature) with draws seeded by `seed` (temperature 0 is greedy: the most likely)."""
     index = {c: i for i, c in enumerate(alphabet)}
-    return decode(write_ids(gatedsl.Decoder(model), [index[c] for c in prompt], length, temperature, seed), alphabet)
-
-
-@torch.no_grad()
-def write_ids(decoder, prompt: list[int], count: int, temperature: float, seed: int = 0, lap=None) -> list[int]:
-    """The `count` ids the decoder's model writes after `prompt`, decoded incrementally (the prompt in one call, then
-    one id per call, the model's state carried between them), each drawn from softmax(logits / temperature) by a
-    generator seeded with `seed` (temperature 0 is greedy: the most likely); `lap()` is called after each."""
-    model = decoder.model
-    training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    logits, state = decoder.prefill(torch.tensor([prompt]))
-    written: list[int] = []
-    while True:
-        scores = logits[0, -1]
-        if temperature == 0:
-            written.append(int(scores.argmax()))
-        else:
-            written.append(int(torch.multinomial(torch.softmax(scores / temperature, -1), 1, generator=gen)))
-        if lap is not None:
-            lap()
-        if len(written) == count:
-            break
-        logits, state = decoder.step(torch.tensor([written[-1:]]), state=state)
-    model.train(training)
-    return written
+    written = gatedsl.generate(model, [[index[c] for c in prompt]], length, temperature=temperature, seed=seed)
+    return decode(written.tokens[0], alphabet)

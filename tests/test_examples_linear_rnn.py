@@ -18,7 +18,7 @@ def test_gla_lm_loss_falls(capsys):
     printed = capsys.readouterr().out
     assert "step   10" in printed and "eval loss after training" in printed and "greedy continuation" in printed
     assert "layers.1.GLA.alpha (sigmoid)" in printed
-    assert "sampled at temperature 0.8" in printed and "a full forward of the whole text so far" in printed
+    assert "both prompts in one batch" in printed and "a full forward of the whole text so far" in printed
     writing = result["writing"]  # decoding writes what a full forward per character writes
     assert len(writing["greedy"]) == 10 and writing["greedy"] == writing["greedy_by_full_forwards"]
 
