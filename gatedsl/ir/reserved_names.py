@@ -24,7 +24,8 @@ MODULE_ATTRIBUTES = frozenset("""
     register_module register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
     set_extra_state set_submodule shape_env share_memory state_dict to to_empty to_folder train training type xpu
     zero_grad hpu npu xla
-""".split())
+    smart_apply
+""".split())  # smart_apply: transformers adds it to torch.nn.Module when it is imported
 
 # `aux`: gatedsl's compiled modules read their aux values there (gatedsl.aux_outputs).
 RESERVED = MODULE_ATTRIBUTES | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self", "aux"}
