@@ -169,6 +169,10 @@ EXAMPLES = {
     "deconstruct_ablation-lstm": ("examples/deconstruct_ablation.gate", {"attention": True, "gating": "input"}),
     "deconstruct_ablation-gru": ("examples/deconstruct_ablation.gate", {"cell": "GRU", "attention": True}),
     "deconstruct_ablation-rhn": ("examples/deconstruct_ablation.gate", {"cell": "RHN", "gating": "additive"}),
+    # transformers with learned absolute positions, read at each token's running count (a cumsum along T)
+    "swiglu_transformer": ("examples/swiglu_transformer.gate", {"d": 16, "heads": 2}),
+    "gated_attention_transformer": ("examples/gated_attention_transformer.gate", {"d": 16, "heads": 2}),
+    "moe_transformer": ("examples/moe_transformer.gate", {"d": 16, "heads": 2}),
 }
 LEVELS = [0, 2]
 
