@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from gatedsl.cli.options import EXIT_OK, UsageError, pairs, positive_int, spec_file
+from gatedsl.cli.options import EXIT_OK, UsageError, model_options, pairs, positive_int, spec_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,17 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a token id that ends a prompt's generation when emitted (repeatable)")
     p.add_argument("--input", metavar="NAME", help="the model's token-ids input, when it has several")
     p.add_argument("--output", metavar="NAME", help="the model's next-token scores, when it has several outputs")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a model parameter (repeatable)")
-    p.add_argument("--model", help="the model to use when the file defines several")
-    p.add_argument("--max-params", type=int, default=None, metavar="N",
-                   help="reject models with more learned elements than this (default 2**31)")
-    p.add_argument("--max-ops", type=positive_int, default=None, metavar="N",
-                   help="reject models that expand to more operations than this (default 200,000)")
-    p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
-                   help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
-    p.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, metavar="LEVEL",
-                   help="optimisation level: -O0 none, -O1 recurrence lowering, -O2 all (the default)")
+    model_options(p, sizes=False)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: {prompt, tokens, finished} (finished: stop or length)")

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gatedsl import __version__
-from gatedsl.cli.options import (EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, pairs,
-                                 positive_int, spec_file)
+from gatedsl.cli.options import (EXIT_INTERNAL, EXIT_OK, EXIT_SPEC, EXIT_USAGE, UsageError, dims, model_options, pairs,
+                                 spec_file)
 from gatedsl.errors import OverrideError, SizeError, SpecError
 from gatedsl.fileio import CannotWrite
 
@@ -25,21 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gatedsl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                       help="override a model parameter (repeatable)")
-        p.add_argument("--model", help="the model to use when the file defines several")
-        p.add_argument("--max-params", type=int, default=None, metavar="N",
-                       help="reject models with more learned elements than this (default 2**31)")
-        p.add_argument("--max-ops", type=positive_int, default=None, metavar="N",
-                       help="reject models that expand to more operations than this (default 200,000)")
-        p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
-                       help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
-        p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
-                       help="a size for a symbolic dim of the model when counting FLOPs (default 1)")
-        p.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, metavar="LEVEL",
-                       help="optimisation level: -O0 none, -O1 recurrence lowering, -O2 all (the default)")
 
     p = sub.add_parser("check", help="validate specs without allocating weights")
     p.add_argument("files", nargs="+", metavar="FILE")

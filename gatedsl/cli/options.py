@@ -54,3 +54,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
     return value
+
+
+def model_options(p: argparse.ArgumentParser, sizes: bool = True) -> None:
+    """The options that pick and bound a spec's model (and, where `sizes`, -d for counting FLOPs), and -O."""
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a model parameter (repeatable)")
+    p.add_argument("--model", help="the model to use when the file defines several")
+    p.add_argument("--max-params", type=int, default=None, metavar="N",
+                   help="reject models with more learned elements than this (default 2**31)")
+    p.add_argument("--max-ops", type=positive_int, default=None, metavar="N",
+                   help="reject models that expand to more operations than this (default 200,000)")
+    p.add_argument("--max-file-size", type=positive_int, default=None, metavar="BYTES",
+                   help="refuse spec files (and imports) larger than this, before reading them (default 4 MiB)")
+    if sizes:
+        p.add_argument("-d", "--dim", action="append", default=[], metavar="SYM=SIZE",
+                       help="a size for a symbolic dim of the model when counting FLOPs (default 1)")
+    p.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2, metavar="LEVEL",
+                   help="optimisation level: -O0 none, -O1 recurrence lowering, -O2 all (the default)")
