@@ -175,24 +175,12 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
                 if dims and "." not in letters and letters[dims[0]] not in result:
                     raise _Refusal(f"einsum '{a.equation}' sums over {seq} (letter {letters[dims[0]]})")
             return None
-        case "softmax":
-            refuse_if_on(0, a.dim, "a softmax")
-            return None
-        case "topk":
-            refuse_if_on(0, a.dim, "top-k")
-            return None
-        case "split":
-            refuse_if_on(0, a.dim, "a split")
+        case "softmax" | "topk" | "split" | "gather" | "flip":
+            refuse_if_on(0, a.dim, ALONG_ONE_DIM[op])
             return None
         case "join":
             for i in range(len(ins)):
                 refuse_if_on(i, a.dim, "a concatenation" if not a.stack else "stacking")
-            return None
-        case "gather":
-            refuse_if_on(0, a.dim, "a gather")
-            return None
-        case "flip":
-            refuse_if_on(0, a.dim, "flipping")
             return None
         case "reduce":
             for d in a.dims:
@@ -237,6 +225,9 @@ def _decide(graph: Graph, n: int, data: dict, plan: DecodePlan) -> Carried | Non
                            "sample's skipped layers would have no state for the positions after")
         case _:
             raise _Refusal(f"{op} has no decoding rule")
+
+
+ALONG_ONE_DIM = {"softmax": "a softmax", "topk": "top-k", "split": "a split", "gather": "a gather", "flip": "flipping"}
 
 
 def _norm_dim(dim: int, rank: int) -> int:
