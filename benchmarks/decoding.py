@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/decoding.py [--tokens 1024] [--prompt 16] [--window 100] [--bucket 128]
                                     [--lengths 256,512,1024,2048] [--naive-stride 64] [--repeats 3] [--threads 1]
-                                    [--quick] [--json OUT]
+                                    [--clock wall|cpu] [--model NAME] [--quick] [--json OUT]
 
 One process, float32, -O2, eval, torch.no_grad, batch 1, greedy (argmax), a random prompt of --prompt tokens; the
 zoo's GLA and Mamba language models and the Qwen3-Next hybrid at MODELS' sizes, each decoded with gatedsl.Decoder
@@ -10,8 +10,9 @@ zoo's GLA and Mamba language models and the Qwen3-Next hybrid at MODELS' sizes, 
 
 - Per token: --tokens new tokens (the first from the prefill, then a step each), each step timed with its argmax.
   The median of the first and of the last --window steps, and their ratio, in that run and again interleaved: the
-  states before those steps were kept, and --repeats rounds step from each in turn (first, last, first, ...), so
-  that drift in the machine's speed falls on both alike. A table of medians by --bucket steps. For models with a KV
+  states before those steps were kept, and --repeats rounds step from each in turn, with the model's own forward
+  on one token (what a step would cost if decoding added nothing to the forward), the order rotated each time, so
+  that drift in the machine's speed falls on all alike. A table of medians by --bucket steps. For models with a KV
   cache, the attention op's share of each step (decode_runtime.attention, timed by a wrapper the decoder calls).
 - Against the naive way, where each new token re-runs model(x) on the whole sequence so far: the naive total is
   the sum over every length L = prompt .. prompt + tokens - 1 of one forward's time f(L). f is measured (the median
@@ -23,6 +24,9 @@ zoo's GLA and Mamba language models and the Qwen3-Next hybrid at MODELS' sizes, 
   bytes (every tensor of every DecodeState entry: exact), and the peak resident memory of the process while
   decoding up to there above its resident memory just before the first step (Linux: /proc/self/status's VmHWM,
   its peak reset by writing 5 to /proc/self/clear_refs after the prefill and glibc's malloc_trim; page-granular).
+
+Times are wall time (time.perf_counter), or with --clock cpu the process's CPU time (time.process_time): on a machine
+other jobs share, a single-threaded run's CPU time leaves out the time it waited for a core.
 """
 
 from __future__ import annotations
@@ -64,33 +68,35 @@ MODELS = {
 }
 QUICK_MODELS = {name: {"vocab_size": 64} for name in MODELS}  # the specs' tiny defaults
 NAIVE = ("gla", "mamba")  # the models the issue compares against re-running the full forward
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 QUICK = dict(tokens=16, prompt=4, window=3, bucket=8, lengths="4,8,16", naive_stride=8, repeats=1)
 
 
-class Clock:
-    """Wraps a function and adds up the seconds spent in it."""
+class Stopwatch:
+    """Wraps a function and adds up the seconds spent in it, read from `clock`."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, clock):
         self.seconds = 0.0
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.seconds += clock() - start
 
         self.fn = timed
 
 
-def build(name: str, params: dict) -> tuple[torch.nn.Module, gatedsl.Decoder, Clock]:
+def build(name: str, params: dict, clock=time.perf_counter) -> tuple[torch.nn.Module, gatedsl.Decoder, Stopwatch]:
+    """The model at -O2 in eval mode, its decoder, and the stopwatch on the decoder's attention op."""
     torch.manual_seed(0)
     model = gatedsl.compile(ZOO / f"{name}.gate", params, opt_level=2).eval()
-    clock = Clock(decode_runtime.attention)
-    with mock.patch.object(decode_runtime, "attention", clock.fn):  # the decoder's graph calls the wrapper
+    attention = Stopwatch(decode_runtime.attention, clock)
+    with mock.patch.object(decode_runtime, "attention", attention.fn):  # the decoder's graph calls the wrapper
         decoder = gatedsl.Decoder(model)
-    return model, decoder, clock
+    return model, decoder, attention
 
 
 def state_bytes(state: gatedsl.DecodeState) -> int:
@@ -117,27 +123,28 @@ def naive_lengths(first: int, last: int, stride: int) -> list[int]:
     return sorted(set(range(first, last + 1, stride)) | {last})
 
 
-def decode_timed(decoder, prompt: torch.Tensor, tokens: int, clock: Clock, keep: set[int], logits_at: set[int]):
+def decode_timed(decoder, prompt: torch.Tensor, tokens: int, attention: Stopwatch, keep: set[int],
+                 logits_at: set[int], clock=time.perf_counter) -> dict:
     """Greedy decoding of `tokens` new tokens after `prompt`, each step timed; returns the run's record."""
     step_s, attention_s = array("d", [0.0]) * tokens, array("d", [0.0]) * tokens
     seq = torch.empty(1, prompt.shape[1] + tokens, dtype=torch.long)
     seq[:, :prompt.shape[1]] = prompt
     kept, logits = {}, {}
-    start = time.perf_counter()
+    start = clock()
     out, state = decoder.prefill(prompt)
     tok = out[:, -1:].argmax(-1)
-    prefill_s = time.perf_counter() - start
+    prefill_s = clock() - start
     logits[0] = out[0, -1].clone()
     for j in range(1, tokens):
         seq[:, prompt.shape[1] + j - 1] = tok[:, 0]
         if j in keep:
             kept[j] = (tok, state)
-        before = clock.seconds
-        start = time.perf_counter()
+        before = attention.seconds
+        start = clock()
         out, state = decoder.step(tok, state=state)
         tok = out[:, -1:].argmax(-1)
-        step_s[j] = time.perf_counter() - start
-        attention_s[j] = clock.seconds - before
+        step_s[j] = clock() - start
+        attention_s[j] = attention.seconds - before
         if j in logits_at:
             logits[j] = out[0, -1].clone()
     seq[:, -1] = tok[:, 0]
@@ -145,19 +152,22 @@ def decode_timed(decoder, prompt: torch.Tensor, tokens: int, clock: Clock, keep:
             "logits": logits}
 
 
-def retime(decoder, kept: dict, first: list[int], last: list[int], repeats: int) -> tuple[float, float]:
-    """Median seconds of a step from the kept states before the `first` and the `last` steps, interleaved."""
-    times = {"first": [], "last": []}
+def retime(decoder, model, kept: dict, first: list[int], last: list[int], repeats: int,
+           clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds of a step from the kept states before the `first` and the `last` steps, and of the model's
+    forward on one token, called in turn (the order rotated by one each time)."""
+    times = {"first": [], "last": [], "forward": []}
+    names = list(times)
     for rep in range(repeats):
         for i, (a, b) in enumerate(zip(first, last)):
-            order = [("first", a), ("last", b)] if (rep + i) % 2 == 0 else [("last", b), ("first", a)]
-            for group, j in order:
-                tok, state = kept[j]
-                start = time.perf_counter()
-                out, _ = decoder.step(tok, state=state)
+            shift = (rep * len(first) + i) % len(names)
+            for group in names[shift:] + names[:shift]:
+                tok, state = kept[b if group == "last" else a]
+                start = clock()
+                out = model(tok) if group == "forward" else decoder.step(tok, state=state)[0]
                 out[:, -1:].argmax(-1)
-                times[group].append(time.perf_counter() - start)
-    return statistics.median(times["first"]), statistics.median(times["last"])
+                times[group].append(clock() - start)
+    return {group: statistics.median(ts) for group, ts in times.items()}
 
 
 def peak_rss_reset() -> int | None:
@@ -210,22 +220,24 @@ def median_ms(xs) -> float:
 
 
 def run_model(name: str, params: dict, args, log) -> dict:
-    model, decoder, clock = build(name, params)
+    clock = CLOCKS[args.clock]
+    model, decoder, attention = build(name, params, clock)
     n, w, prompt_len = args.tokens, args.window, args.prompt
     prompt = torch.randint(0, params["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(1))
     first, last = list(range(1, w + 1)), list(range(n - w, n))
     with torch.no_grad():
-        decode_timed(decoder, prompt, min(n, 32), clock, set(), set())  # warm-up
+        decode_timed(decoder, prompt, min(n, 32), attention, set(), set())  # warm-up
         lengths = naive_lengths(prompt_len, prompt_len + n - 1, args.naive_stride) if name in NAIVE else []
-        rec = decode_timed(decoder, prompt, n, clock, set(first + last), {L - prompt_len for L in lengths})
+        rec = decode_timed(decoder, prompt, n, attention, set(first + last), {L - prompt_len for L in lengths}, clock)
         steps, att = rec["step_s"], rec["attention_s"]
         result = {"model": name, "params": params, "tokens": n, "prompt": prompt_len,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "prefill_s": rec["prefill_s"], "decode_s": rec["prefill_s"] + sum(steps[1:]),
                   "first_ms": median_ms(steps[1:w + 1]), "last_ms": median_ms(steps[n - w:])}
         result["ratio"] = result["last_ms"] / result["first_ms"]
-        result["first_ms_interleaved"], result["last_ms_interleaved"] = (
-            t * 1e3 for t in retime(decoder, rec["kept"], first, last, args.repeats))
+        again = retime(decoder, model, rec["kept"], first, last, args.repeats, clock)
+        result["first_ms_interleaved"], result["last_ms_interleaved"] = again["first"] * 1e3, again["last"] * 1e3
+        result["forward_one_token_ms"] = again["forward"] * 1e3
         result["ratio_interleaved"] = result["last_ms_interleaved"] / result["first_ms_interleaved"]
         rec["kept"].clear()
         result["buckets"] = [{"steps": f"{a}-{min(a + args.bucket, n) - 1}", "ms": median_ms(steps[a:a + args.bucket]),
@@ -239,7 +251,7 @@ def run_model(name: str, params: dict, args, log) -> dict:
         if lengths:
             seq = rec["seq"]
             fns = {L: runner(model, (seq[:, :L],), "fwd") for L in lengths}
-            measured = time_interleaved(fns, repeats=args.repeats)
+            measured = time_interleaved(fns, repeats=args.repeats, clock=clock)
             gap = max((model(seq[:, :L])[0, -1] - rec["logits"][L - prompt_len]).abs().max().item() for L in lengths)
             result["naive"] = {"measured_s": {str(L): s for L, s in measured.items()},
                                "total_s": naive_total(range(prompt_len, prompt_len + n), measured),
@@ -257,7 +269,8 @@ def report(r: dict, args, log) -> None:
     log(f"prefill of {r['prompt']} tokens {r['prefill_s'] * 1e3:.1f} ms; per token, steps 1-{args.window}: "
         f"{r['first_ms']:.2f} ms, steps {r['tokens'] - args.window}-{r['tokens'] - 1}: {r['last_ms']:.2f} ms, "
         f"ratio {r['ratio']:.3f} (in the run); interleaved from the kept states: {r['first_ms_interleaved']:.2f} / "
-        f"{r['last_ms_interleaved']:.2f} ms, ratio {r['ratio_interleaved']:.3f}")
+        f"{r['last_ms_interleaved']:.2f} ms, ratio {r['ratio_interleaved']:.3f}; the model's forward on one token "
+        f"{r['forward_one_token_ms']:.2f} ms")
     log("steps      median ms" + ("   attention op ms" if "windows" in r else ""))
     for b in r["buckets"]:
         log(f"{b['steps']:>10} {b['ms']:9.3f}" + (f" {b['attention_ms']:17.3f}" if "windows" in r else ""))
@@ -286,6 +299,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--naive-stride", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or the process's CPU time (for a busy machine, with --threads 1)")
     p.add_argument("--model", action="append", choices=list(MODELS), help="only this model (repeatable)")
     p.add_argument("--quick", action="store_true", help="the specs' tiny sizes and a few tokens: a smoke run")
     p.add_argument("--json", metavar="OUT")
@@ -301,7 +316,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     log = print
     log(f"{' '.join(['python', *sys.argv])}\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, float32, -O2; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch threads, float32, -O2, "
+        f"{args.clock} clock; "
         f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
     results = []
     for name in args.model or list(MODELS):
