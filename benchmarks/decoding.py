@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/decoding.py [--tokens 1024] [--prompt 16] [--window 100] [--bucket 128]
                                     [--lengths 256,512,1024,2048] [--naive-stride 64] [--repeats 3] [--threads 1]
-                                    [--clock wall|cpu] [--model NAME] [--quick] [--json OUT]
+                                    [--clock wall|cpu] [--model NAME] [-p NAME=VALUE] [--quick] [--json OUT]
 
 One process, float32, -O2, eval, torch.no_grad, batch 1, greedy (argmax), a random prompt of --prompt tokens; the
 zoo's GLA and Mamba language models and the Qwen3-Next hybrid at MODELS' sizes, each decoded with gatedsl.Decoder
@@ -32,6 +32,7 @@ other jobs share, a single-threaded run's CPU time leaves out the time it waited
 from __future__ import annotations
 
 import argparse
+import ast
 import bisect
 import ctypes
 import functools
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or the process's CPU time (for a busy machine, with --threads 1)")
     p.add_argument("--model", action="append", choices=list(MODELS), help="only this model (repeatable)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a parameter of every model run, by its config's name (e.g. -p hidden_size=512)")
     p.add_argument("--quick", action="store_true", help="the specs' tiny sizes and a few tokens: a smoke run")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
@@ -313,6 +316,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--tokens must be at least 2 * --window + 1 (got {args.tokens} and {args.window})")
     if min(args.lengths) < 1 or args.naive_stride < 1 or args.repeats < 1 or args.bucket < 1 or args.prompt < 1:
         p.error("--lengths, --naive-stride, --repeats, --bucket and --prompt must be positive")
+    overrides = {}
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        try:
+            overrides[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            eq = ""
+        if not eq or not name:
+            p.error(f"-p takes NAME=VALUE with a Python literal value (a number, True, False), got {item!r}")
     torch.set_num_threads(args.threads)
     log = print
     log(f"{' '.join(['python', *sys.argv])}\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -321,7 +333,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
     results = []
     for name in args.model or list(MODELS):
-        results.append(run_model(name, (QUICK_MODELS if args.quick else MODELS)[name], args, log))
+        try:
+            results.append(run_model(name, {**(QUICK_MODELS if args.quick else MODELS)[name], **overrides}, args, log))
+        except gatedsl.SpecError as e:  # a -p the spec does not take
+            p.error(str(e))
     log(f"\nload average {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -86,7 +86,12 @@ def test_state_bytes_counts_every_carried_tensor(decoding):
     assert decoding.state_bytes(state) == expected == 8 + 2 * 4 * 4 * 8 * 4   # position; 2 layers, 4 heads, 4x8 float32
 
 
-def test_bad_options_are_usage_errors(decoding, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "10", "--window", "5"], "--tokens must be at least"),
+    (["--quick", "-p", "hidden_size"], "-p takes NAME=VALUE"),
+    (["--quick", "--model", "gla", "-p", "hiden_size=8"], "has no parameter 'hiden_size'"),
+])
+def test_bad_options_are_usage_errors(decoding, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
-        decoding.main(["--tokens", "10", "--window", "5"])
-    assert exit_.value.code == 2 and "--tokens must be at least" in capsys.readouterr().err
+        decoding.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
