@@ -211,9 +211,10 @@ def runner(module, inputs: tuple, variant: str) -> Callable[[], None]:
     return run
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each function: `warmup` untimed calls each, then `repeats` rounds that call every
-    function once, the order rotated by one each round."""
+    function once, the order rotated by one each round; `clock` wall time, or e.g. time.process_time for CPU time."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -222,9 +223,9 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: i
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
